@@ -1,0 +1,1 @@
+"""Where the graph comes from: model files, example inputs, and the two tracers."""

@@ -1,0 +1,180 @@
+"""Runs a pipeline of passes, verifying the graph after every one.
+
+After each pass the manager lints the graph(s), refreshes shape metadata, and -- for a pass that
+declares it preserves the model's function -- runs the example inputs through the new module and
+compares with the module before it, naming the pass that broke equality. A failing pass is reported
+with its position in the pipeline and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from ..errors import GradxformError, PassError
+from ..ir.cost import evaluate, hints, node_costs, total
+from ..ir.meta import propagate
+from .base import Pass, PassResult
+
+
+@dataclass
+class PassContext:
+    """What every pass may read: example inputs, verification settings, the model's file."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    check: bool = True
+    rtol: float | None = None
+    atol: float | None = None
+    seed: int = 0
+
+
+@dataclass
+class PassRecord:
+    name: str
+    spec: str
+    seconds: float
+    changed: bool
+    nodes: tuple[int, int]
+    params: tuple[int, int]
+    flops: tuple[float, float]
+    notes: list[str]
+    info: dict[str, Any]
+    max_abs_diff: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "spec": self.spec, "seconds": round(self.seconds, 4),
+                "changed": self.changed, "nodes": list(self.nodes), "params": list(self.params),
+                "flops": list(self.flops), "notes": self.notes, "info": self.info,
+                "max_abs_diff": self.max_abs_diff}
+
+
+def graphs_of(module: Any) -> list[fx.GraphModule]:
+    """The GraphModule(s) making up a module: itself, or a staged module's stages."""
+    stages = getattr(module, "stages", None)
+    if stages is not None:
+        return list(stages)
+    return [module] if isinstance(module, fx.GraphModule) else []
+
+
+def stats(module: Any) -> tuple[int, int, float]:
+    """(nodes, parameters, FLOPs at the example sizes) of a graph or staged module."""
+    nodes = sum(len(g.graph.nodes) for g in graphs_of(module))
+    params = sum(p.numel() for p in module.parameters())
+    flops = 0.0
+    for g in graphs_of(module):
+        flops += evaluate(total(node_costs(g).values()).flops, hints(g))
+    return nodes, params, flops
+
+
+def run_example(module: Any, ctx: PassContext) -> Any:
+    """Outputs on the example inputs, leaving the module's buffers and the global RNG untouched."""
+    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            return module(*ctx.args, **ctx.kwargs)
+    finally:
+        with torch.no_grad():
+            for k, b in module.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
+
+
+def default_tolerance(outputs: Any) -> tuple[float, float]:
+    leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    if leaves and all(t.dtype == torch.float64 for t in leaves if t.is_floating_point()):
+        return 1e-10, 1e-12
+    return 1e-5, 1e-6
+
+
+def compare(before: Any, after: Any, rtol: float | None, atol: float | None) -> tuple[float, bool, str]:
+    """Max absolute difference between two output structures, and whether it is within tolerance."""
+    a_leaves, a_spec = pytree.tree_flatten(before)
+    b_leaves, b_spec = pytree.tree_flatten(after)
+    if a_spec != b_spec:
+        return float("inf"), False, f"output structure changed: {a_spec} -> {b_spec}"
+    d_rtol, d_atol = default_tolerance(before)
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    worst, ok = 0.0, True
+    for x, y in zip(a_leaves, b_leaves):
+        if isinstance(x, torch.Tensor):
+            if x.shape != y.shape:
+                return float("inf"), False, f"output shape changed: {tuple(x.shape)} -> {tuple(y.shape)}"
+            if x.numel():
+                diff = (x.double() - y.double()).abs()
+                worst = max(worst, float(diff.max()))
+                ok = ok and bool((diff <= atol + rtol * x.double().abs()).all())
+        elif x != y:
+            return float("inf"), False, f"output value changed: {x!r} -> {y!r}"
+    return worst, ok, ""
+
+
+class PassManager:
+    """Applies passes in order; see the module docstring for what it checks."""
+
+    def __init__(self, passes: list[Pass], pipeline_text: str = ""):
+        self.passes = passes
+        self.text = pipeline_text or ",".join(p.describe() for p in passes)
+
+    def run(self, module: Any, ctx: PassContext) -> tuple[Any, list[PassRecord]]:
+        records: list[PassRecord] = []
+        reference = run_example(module, ctx) if ctx.check else None
+        for i, p in enumerate(self.passes):
+            ran = [r.spec for r in records]
+            where = f"step {i + 1} of pipeline '{self.text}'" + (f" (after {', '.join(ran)})" if ran else "")
+            before = stats(module)
+            start = time.perf_counter()
+            try:
+                result = self._apply(p, module, ctx)
+                for g in graphs_of(result.module):
+                    g.graph.lint()
+                    if result.changed:
+                        g.recompile()
+                        propagate(g)
+            except GradxformError as e:
+                e.where = e.where or where
+                raise
+            except Exception as e:
+                raise PassError(f"pass '{p.name}' failed: {type(e).__name__}: {e}", where=where,
+                                hint="this is likely a bug in the pass; rerun with the pass removed to "
+                                     "get the other artefacts") from e
+            seconds = time.perf_counter() - start
+            module = result.module
+            diff = None
+            if ctx.check:
+                outputs = run_example(module, ctx)
+                if p.preserves_function:
+                    diff, ok, why = compare(reference, outputs, ctx.rtol, ctx.atol)
+                    if not ok:
+                        raise PassError(f"pass '{p.name}' changed the model's outputs on the example inputs: "
+                                        + (why or f"max abs difference {diff:.3g}"), where=where,
+                                        hint="raise --rtol/--atol if the difference is rounding, "
+                                             "or rerun with --no-check to keep the artefacts")
+                reference = outputs
+            after = stats(module)
+            records.append(PassRecord(p.name, p.describe(), seconds, result.changed,
+                                      (before[0], after[0]), (before[1], after[1]),
+                                      (before[2], after[2]), result.notes, result.info, diff))
+        return module, records
+
+    @staticmethod
+    def _apply(p: Pass, module: Any, ctx: PassContext) -> PassResult:
+        stages = getattr(module, "stages", None)
+        if stages is None or p.whole_model:
+            return p.run(module, ctx)
+        # A per-graph pass on a staged model runs on each stage in turn.
+        changed, notes, info = False, [], {}
+        for j, stage in enumerate(stages):
+            r = p.run(stage, ctx)
+            stages[j] = r.module
+            changed |= r.changed
+            notes += [f"stage {j}: {n}" for n in r.notes]
+            info[f"stage{j}"] = r.info
+        return PassResult(module, changed, notes, info)

@@ -1,0 +1,244 @@
+"""``split``: cut a graph into balanced pipeline stages."""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import PipelineError, did_you_mean
+from .base import Pass, PassResult, option, register
+
+
+@dataclass
+class SplitOptions:
+    stages: int = option(2, "number of pipeline stages")
+    balance: Literal["flops", "params", "layers", "time"] = option(
+        "flops", "what to equalise across stages (time: measured per node on the example inputs)")
+    at: tuple[str, ...] = option((), "explicit cuts: each stage after the first starts at this module path")
+
+    def validate(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"stages must be at least 1, got {self.stages}")
+
+
+@register
+class Split(Pass):
+    """Cut the model into pipeline stages, optimally balanced over the valid cut points.
+
+    Valid cuts lie between residual blocks (never inside one), carry only tensors, and never separate
+    the users of one parameter (tied weights stay together). Among them the partition minimising the
+    most expensive stage is chosen exactly (dynamic programming, not greedy); ties go to the fewest
+    bytes crossing stage boundaries. Values used by a later stage are carried through the stages in
+    between; sizes are re-read from the received tensors instead of being sent.
+    """
+
+    name = "split"
+    summary = "cut the model into balanced pipeline stages (a StagedModule)"
+    Options = SplitOptions
+    whole_model = True
+
+    def run(self, gm: Any, ctx: Any) -> PassResult:
+        from ..ir.analysis import analyse
+        from ..ir.cost import evaluate, hints, node_costs
+        from ..ir.partition import partition, stage_costs
+
+        if getattr(gm, "stages", None) is not None:
+            raise PipelineError("the model is already split", hint="use one 'split' per pipeline")
+        opts = self.options
+        an = analyse(gm)
+        order = an.order
+        costs = node_costs(gm)
+        values = hints(gm)
+        valid = an.valid_cuts
+        at = list(opts.at)
+        if at:
+            cuts = self._explicit_cuts(gm, an, at)
+            if opts.stages not in (2, len(at) + 1):  # 2 is the default: 'at' alone decides
+                raise PipelineError(f"split{{at=...}} gives {len(at) + 1} stages but stages={opts.stages}",
+                                    hint="leave out 'stages' when giving 'at'")
+            weights = self._weights(gm, order, costs, values, "flops", ctx)
+        else:
+            if opts.stages - 1 > len(valid):
+                blocked = [c.reason for c in an.cuts if not c.valid and "shared" in c.reason]
+                raise PipelineError(
+                    f"cannot cut into {opts.stages} stages: the model has only {len(valid)} valid cut "
+                    f"points, enough for {len(valid) + 1} stages",
+                    hint=(f"{blocked[0]}; untie it or use fewer stages" if blocked
+                          else "use fewer stages, or run 'gradxform inspect' to see the cut points"))
+            weights = self._weights(gm, order, costs, values, opts.balance, ctx)
+            cross = [evaluate(c.bytes, values) for c in valid]
+            cuts = partition(weights, [c.index for c in valid], opts.stages, cross)
+        staged = build_stages(gm, an, cuts)
+        share = stage_costs(weights, cuts)
+        whole = sum(share) or 1.0
+        by_index = {c.index: c for c in an.cuts}
+        notes = []
+        for c in cuts:
+            cut = by_index[c]
+            tensors = [v for v in cut.crossing if _is_tensor(v)]
+            notes.append(f"cut after '{cut.after}': {len(tensors)} tensor(s), "
+                         f"{evaluate(cut.bytes, values) / 1024:.1f} KiB at the example size ({cut.bytes} bytes)")
+        stages_info = []
+        for s, sgm in enumerate(staged.stages):
+            sc = node_costs(sgm)
+            stages_info.append({
+                "stage": s,
+                "nodes": len(sgm.graph.nodes),
+                "flops": evaluate(sum((c.flops for c in sc.values()), 0), values),
+                "params": sum(p.numel() for p in sgm.parameters()),
+                "balance_share": share[s] / whole,
+            })
+        balance = "flops" if at else opts.balance
+        notes.append(f"balanced on {balance}: stage shares " + ", ".join(f"{x / whole:.0%}" for x in share))
+        return PassResult(staged, True, notes, {"cuts": [by_index[c].after for c in cuts],
+                                                 "balance": balance, "stages": stages_info})
+
+    @staticmethod
+    def _weights(gm: Any, order: list, costs: dict, values: dict, balance: str, ctx: Any) -> list[float]:
+        from ..ir.cost import evaluate
+
+        if balance == "flops":
+            return [evaluate(costs[n].flops, values) for n in order]
+        if balance == "params":
+            return [evaluate(costs[n].param_bytes, values) + _param_reads(n, costs, values) for n in order]
+        if balance == "layers":
+            return [1.0 if _param_reads(n, costs, values) or evaluate(costs[n].param_bytes, values) else 0.0
+                    for n in order]
+        return measure_node_times(gm, order, ctx)
+
+    @staticmethod
+    def _explicit_cuts(gm: Any, an: Any, at: list[str]) -> list[int]:
+        from ..ir.match import scope
+
+        by_index = {c.index: c for c in an.cuts}
+        cuts = []
+        for name in at:
+            index = next((i for i, n in enumerate(an.order)
+                          if scope(n) == name or scope(n).startswith(name + ".")), None)
+            if index is None:
+                scopes = sorted({scope(n) for n in an.order if scope(n)})
+                raise PipelineError(f"split{{at=...}}: no layer named '{name}' in the model",
+                                    hint=did_you_mean(name, scopes))
+            cut = by_index.get(index)
+            if cut is None:
+                raise PipelineError(f"split{{at={name}}}: '{name}' starts the model; nothing comes before it")
+            if not cut.valid:
+                raise PipelineError(f"split{{at={name}}}: cannot cut before '{name}': {cut.reason}",
+                                    hint="run 'gradxform inspect' to list the valid cut points")
+            cuts.append(index)
+        if cuts != sorted(set(cuts)):
+            raise PipelineError(f"split{{at={','.join(at)}}}: cut points must be distinct and in model order")
+        return cuts
+
+
+def _is_tensor(node: Any) -> bool:
+    import torch
+
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _param_reads(node: Any, costs: dict, values: dict) -> float:
+    """Bytes of parameters a node reads through get_attr inputs (export graphs)."""
+    from ..ir.cost import evaluate
+
+    return sum(evaluate(costs[p].param_bytes, values) for p in node.all_input_nodes if p.op == "get_attr")
+
+
+def measure_node_times(gm: Any, order: list, ctx: Any, repeats: int = 3) -> list[float]:
+    """Seconds per node on the example inputs (median of ``repeats`` runs)."""
+    import torch
+    import torch.fx as fx
+
+    from ..ir.meta import flat_inputs
+
+    samples: dict[Any, list[float]] = {n: [] for n in order}
+
+    class Timed(fx.Interpreter):
+        def run_node(self, n: Any) -> Any:
+            start = time.perf_counter()
+            out = super().run_node(n)
+            if n in samples:
+                samples[n].append(time.perf_counter() - start)
+            return out
+
+    flat = flat_inputs(gm, ctx.args, ctx.kwargs)
+    buffers = {k: b.clone() for k, b in gm.named_buffers()}
+    with torch.no_grad():
+        for _ in range(repeats):
+            Timed(gm).run(*flat)
+        for k, b in gm.named_buffers():
+            b.copy_(buffers[k])
+    return [sorted(samples[n])[len(samples[n]) // 2] for n in order]
+
+
+def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
+    """Copy the nodes of each stage into its own GraphModule and compose them."""
+    import torch
+    import torch.fx as fx
+
+    from ..ir.analysis import size_source
+    from ..ir.meta import tags
+    from ..nn.staged import StagedModule
+
+    order = an.order
+    bounds = [0, *cuts, len(order)]
+    by_index = {c.index: c for c in an.cuts}
+    exported = getattr(gm, "_in_spec", None) is not None
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    originals = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    stages = []
+    for s in range(len(bounds) - 1):
+        lo, hi = bounds[s], bounds[s + 1]
+        graph = fx.Graph()
+        env: dict[fx.Node, Any] = {}
+        incoming = originals if s == 0 else [v for v in by_index[lo].crossing if _carried(v)]
+        for v in incoming:
+            p = graph.placeholder(v.name, default_value=v.args[0] if v.op == "placeholder" and v.args
+                                  else inspect.Signature.empty)
+            p.meta = dict(v.meta)
+            env[v] = p
+
+        def lookup(n: fx.Node) -> Any:
+            if n in env:
+                return env[n]
+            if n.op == "get_attr":
+                env[n] = graph.get_attr(n.target)
+                env[n].meta = dict(n.meta)
+                return env[n]
+            # a size computed in an earlier stage: re-read it from a tensor this stage received
+            val = n.meta.get("val")
+            source = size_source(val, incoming)
+            if source is None:
+                raise RuntimeError(f"value '{n.name}' is needed in stage {s} but was not carried")
+            if not source:
+                return int(val)
+            parts = [graph.call_function(torch.ops.aten.sym_size.int, (env[t], d)) if exported
+                     else graph.call_method("size", (env[t], d)) for t, d in source]
+            env[n] = parts[0] if len(parts) == 1 else graph.call_function(operator.mul, tuple(parts))
+            return env[n]
+
+        for node in order[lo:hi]:
+            env[node] = graph.node_copy(node, lookup)
+            tags(node)["stage"] = s
+            env[node].meta.setdefault("gx", {})["stage"] = s
+        if s == len(bounds) - 2:
+            graph.output(fx.node.map_arg(output.args[0], lookup))
+        else:
+            outgoing = [v for v in by_index[hi].crossing if _carried(v)]
+            graph.output(tuple(lookup(v) for v in outgoing))
+        stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
+        stage.meta.update({k: v for k, v in gm.meta.items() if k.startswith("gx_")})
+        stage.meta["gx_stage"] = s
+        stages.append(stage)
+    return StagedModule(stages, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None))
+
+
+def _carried(node: Any) -> bool:
+    """Values sent between stages: tensors, and inputs left at None; sizes are re-read instead."""
+    import torch
+
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) or (val is None and node.op == "placeholder")
