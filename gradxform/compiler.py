@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from .errors import PassError
+from .export.artefact import Recipe
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
 from .ir.analysis import Analysis, analyse
@@ -69,6 +70,8 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
 def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool = True,
                    rtol: float | None = None, atol: float | None = None) -> CompileResult:
     passes = resolve_pipeline(pipeline)  # parse first: a typo fails before any tracing
+    # The weights before any pass: an artefact rebuilds the model by replaying the pipeline on them.
+    original = {k: v.detach().clone() for k, v in loaded.module.state_dict().items()}
     gm, used, notes, timings = prepare(loaded, tracer)
     ctx = PassContext(loaded.args, loaded.kwargs, check=check, rtol=rtol, atol=atol)
     trace_diff = None
@@ -93,6 +96,8 @@ def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", 
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "passes": [r.as_dict() for r in records],
     }
+    module.gx_report = report
+    module.gx_recipe = Recipe(loaded.path, loaded.attr, loaded.args, loaded.kwargs, used, pipeline, original)
     return CompileResult(module, loaded, used, pipeline, report)
 
 
@@ -123,3 +128,51 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
                                  hint="pass example_inputs=(x,) (and example_kwargs={...} for keyword inputs)")
         loaded = LoadedModel(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
     return compile_loaded(loaded, pipeline, tracer=tracer, check=check, rtol=rtol, atol=atol)
+
+
+def inspect_loaded(loaded: LoadedModel, tracer: str = "auto") -> dict[str, Any]:
+    """What the analysis sees: blocks, chains, cut points and a per-block symbolic cost table."""
+    from .ir.cost import evaluate, hints, node_costs, total
+    from .ir.match import op_kind
+
+    gm, used, notes, timings = prepare(loaded, tracer)
+    an = analyse(gm)
+    costs = node_costs(gm)
+    values = hints(gm)
+    chain_of = {id(b): i for i, chain in enumerate(an.chains) for b in chain}
+    blocks = [{"id": b.id, "entry": b.entry.name, "exit": b.exit.name,
+               "skip": "projection" if b.skip else "identity", "post_activation": b.post_act is not None,
+               "invertible": b.invertible, "reason": b.reason, "chain": chain_of.get(id(b))}
+              for b in an.blocks]
+    cuts = [{"index": c.index, "after": c.after, "tensors": sum(1 for v in c.crossing if _tensor(v)),
+             "bytes": str(c.bytes), "bytes_at_example": evaluate(c.bytes, values)}
+            for c in an.valid_cuts]
+    invalid: dict[str, int] = {}
+    for c in an.cuts:
+        if not c.valid:
+            invalid[c.reason] = invalid.get(c.reason, 0) + 1
+    segments: dict[str, list] = {}
+    for n in an.order:
+        gx = n.meta.get("gx", {})
+        segments.setdefault(gx.get("block") or gx.get("role", "between"), []).append(n)
+    table = []
+    for name, nodes in segments.items():
+        c = total(costs[n] for n in nodes)
+        table.append({"segment": name, "nodes": len(nodes),
+                      "flops": str(c.flops), "params": str(c.param_bytes), "act_bytes": str(c.act_bytes),
+                      "flops_at_example": evaluate(c.flops, values),
+                      "param_bytes_at_example": evaluate(c.param_bytes, values),
+                      "act_bytes_at_example": evaluate(c.act_bytes, values)})
+    whole = total(costs.values())
+    return {"model": loaded.spec, "tracer": used, "trace_notes": notes, "nodes": len(gm.graph.nodes),
+            "inputs": _describe_inputs(loaded),
+            "symbols": {name: hint for name, hint in gm.meta.get("gx_symbols", {}).values()},
+            "blocks": blocks, "chains": [[b.id for b in chain] for chain in an.chains],
+            "cuts": cuts, "invalid_cuts": invalid, "segments": table,
+            "total": {"flops": str(whole.flops), "flops_at_example": evaluate(whole.flops, values),
+                      "params": str(whole.param_bytes), "act_bytes": str(whole.act_bytes)},
+            "ops": sorted({op_kind(n, gm) for n in an.order}), "timings": timings}
+
+
+def _tensor(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)

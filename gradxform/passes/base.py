@@ -99,7 +99,7 @@ def register_composite(composite: Composite) -> Composite:
 
 def _show(v: Any) -> str:
     if isinstance(v, (list, tuple)):
-        return ",".join(map(str, v))
+        return ",".join(map(str, v)) if v else "(none)"
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 

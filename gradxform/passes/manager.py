@@ -86,6 +86,17 @@ def run_example(module: Any, ctx: PassContext) -> Any:
                     b.copy_(buffers[k])
 
 
+def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| elementwise in float64, zero where both hold the same value (equal infinities, NaNs)."""
+    a, b = a.detach().double(), b.detach().double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, torch.zeros_like(a), (a - b).abs().nan_to_num(nan=float("inf")))
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(abs_diff(a, b).max()) if a.numel() else 0.0
+
+
 def default_tolerance(outputs: Any) -> tuple[float, float]:
     leaves = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     if leaves and all(t.dtype == torch.float64 for t in leaves if t.is_floating_point()):
@@ -108,9 +119,9 @@ def compare(before: Any, after: Any, rtol: float | None, atol: float | None) -> 
             if x.shape != y.shape:
                 return float("inf"), False, f"output shape changed: {tuple(x.shape)} -> {tuple(y.shape)}"
             if x.numel():
-                diff = (x.double() - y.double()).abs()
+                diff = abs_diff(x, y)
                 worst = max(worst, float(diff.max()))
-                ok = ok and bool((diff <= atol + rtol * x.double().abs()).all())
+                ok = ok and bool((diff <= atol + rtol * x.double().abs().nan_to_num(posinf=0.0)).all())
         elif x != y:
             return float("inf"), False, f"output value changed: {x!r} -> {y!r}"
     return worst, ok, ""

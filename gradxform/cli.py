@@ -1,0 +1,234 @@
+"""``gradxform compile | passes | inspect | export``.
+
+Imports are lazy: ``gradxform passes`` and ``--help`` answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EMITS = ("pt", "onnx", "dot", "svg", "json")
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _emit_list(text: str) -> list[str]:
+    from .errors import GradxformError, did_you_mean
+
+    items = [e.strip() for e in text.split(",") if e.strip()]
+    for e in items:
+        if e not in EMITS:
+            raise GradxformError(f"unknown --emit kind '{e}'", hint=did_you_mean(e, EMITS))
+    return items
+
+
+def _writable(folder: Path) -> None:
+    from .errors import ExportError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".gradxform-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"cannot write to output folder {folder}: {e.strerror or e}",
+                          hint="choose a folder you can write to with -o DIR") from None
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from .compiler import compile_loaded
+    from .export.report import format_compile
+    from .frontend.loader import load
+    from .passes.base import resolve_pipeline
+
+    emit = _emit_list(a.emit)
+    out = Path(a.out)
+    resolve_pipeline(a.pipeline)  # fail on a typo before any slow work
+    _writable(out)
+    _log(f"loading {a.target}")
+    loaded = load(a.target, a.input_shape)
+    _log(f"tracing and running {a.pipeline}")
+    result = compile_loaded(loaded, a.pipeline, tracer=a.tracer, check=not a.no_check, rtol=a.rtol, atol=a.atol)
+    report = result.report
+    written, failures = [], []
+    module = result.module
+    if "pt" in emit:
+        from .export.artefact import save
+
+        save(module, out)
+        written.append("model (manifest.json, weights.pt, source/, code/)")
+    if "dot" in emit or "svg" in emit:
+        from .export.render import render, to_dot
+
+        title = f"{loaded.spec} · {a.pipeline}"
+        if "dot" in emit:
+            (out / "graph.dot").write_text(to_dot(module, title))
+            written.append("graph.dot")
+        if "svg" in emit:
+            try:
+                render(module, out / "graph.svg", title)
+                written.append("graph.svg")
+            except Exception as e:  # Graphviz refusing a graph must not lose the other artefacts
+                failures.append(f"graph.svg: {type(e).__name__}: {e}")
+    if "onnx" in emit:
+        from tqdm import tqdm
+
+        from .export.onnx import export_all
+
+        n = 1 + len(getattr(module, "stages", []))
+        with tqdm(total=n, desc="onnx export", unit="graph", file=sys.stderr, disable=None) as bar:
+            results = export_all(module, loaded.args, loaded.kwargs, out, a.onnx_exporter,
+                                 progress=bar.update)
+        report["onnx"] = [r.as_dict() for r in results]
+        written += [Path(r.path).name for r in results if r.ok and r.path]
+        failures += [f"{r.name}.onnx: {r.error}" for r in results if not r.ok]
+    report["artefacts"] = written
+    report["failures"] = failures
+    if "json" in emit:
+        (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        written.append("report.json")
+    print(format_compile(report))
+    print(f"\noutput    {out}/")
+    return 1 if failures else 0
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from .passes.base import COMPOSITES, PASSES, describe_pass, load_builtin_passes
+
+    load_builtin_passes()
+    if a.name:
+        d = describe_pass(a.name)
+        print(f"{d['name']}: {d['summary']}")
+        if d.get("composite"):
+            print(f"  composite: {d['composite']}")
+        if d.get("doc"):
+            print()
+            print("  " + "\n  ".join(line.strip() for line in d["doc"].splitlines()))
+        if "preserves_function" in d:
+            print(f"\n  preserves the model's function: {'yes' if d['preserves_function'] else 'no'}")
+        if d["options"]:
+            print("\n  options:")
+            for o in d["options"]:
+                print(f"    {o['name']}: {o['type']} = {o['default']}\n        {o['doc']}")
+        else:
+            print("\n  options: none")
+        return 0
+    for name in sorted(PASSES) + sorted(COMPOSITES):
+        d = describe_pass(name)
+        kind = "composite" if name in COMPOSITES else "pass"
+        print(f"{name:<12} {kind:<9} {d['summary']}")
+        for o in d["options"]:
+            print(f"    {o['name']}: {o['type']} = {o['default']}  — {o['doc']}")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .compiler import inspect_loaded
+    from .export.report import format_inspect
+    from .frontend.loader import load
+
+    info = inspect_loaded(load(a.target, a.input_shape), a.tracer)
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        print(format_inspect(info))
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export.artefact import load
+
+    emit = _emit_list(a.emit)
+    folder = Path(a.artefact)
+    out = Path(a.out) if a.out else folder
+    _writable(out)
+    module = load(folder)
+    recipe = module.gx_recipe
+    failures = []
+    if "svg" in emit or "dot" in emit:
+        from .export.render import render, to_dot
+
+        if "dot" in emit:
+            (out / "graph.dot").write_text(to_dot(module, recipe.pipeline))
+        if "svg" in emit:
+            render(module, out / "graph.svg", recipe.pipeline)
+    if "onnx" in emit:
+        from .export.onnx import export_all
+
+        for r in export_all(module, recipe.args, recipe.kwargs, out, a.onnx_exporter):
+            print(f"{r.name}.onnx: " + (f"max|Δ| {r.max_abs_diff:.2g}" if r.ok else f"FAILED: {r.error}"))
+            if not r.ok:
+                failures.append(r.name)
+    print(f"wrote {', '.join(emit)} to {out}/")
+    return 1 if failures else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gradxform", description="A model compiler for training algorithms.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("target", metavar="FILE[:ATTR]", help="model file; ATTR names an nn.Module or a factory")
+        sp.add_argument("--input-shape", action="append", metavar="NAME:[d0,...][:dtype]",
+                        help="example input for forward's NAME (repeatable) when the file has no example_inputs()")
+        sp.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
+                        help="auto: torch.fx.symbolic_trace, falling back to torch.export")
+
+    c = sub.add_parser("compile", help="trace a model, run a pass pipeline, write the artefacts")
+    model_args(c)
+    c.add_argument("--pass", "-p", dest="pipeline", required=True, metavar="PIPELINE",
+                   help="e.g. 'split{stages=4,balance=flops}'; see 'gradxform passes'")
+    c.add_argument("-o", "--out", default="out", metavar="DIR", help="output folder (default: out)")
+    c.add_argument("--emit", default=",".join(EMITS), help=f"artefacts to write (default: {','.join(EMITS)})")
+    c.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    c.add_argument("--no-check", action="store_true", help="skip comparing outputs after each pass")
+    c.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check")
+    c.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check")
+    c.set_defaults(func=cmd_compile)
+
+    ps = sub.add_parser("passes", help="list the passes and their options")
+    ps.add_argument("name", nargs="?", help="show one pass in full")
+    ps.set_defaults(func=cmd_passes)
+
+    i = sub.add_parser("inspect", help="show blocks, cut points and costs the analysis finds")
+    model_args(i)
+    i.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("export", help="re-export ONNX / pictures from a compiled artefact folder")
+    e.add_argument("artefact", metavar="DIR")
+    e.add_argument("--emit", default="onnx,svg,dot")
+    e.add_argument("-o", "--out", default=None, metavar="DIR", help="default: the artefact folder")
+    e.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import GradxformError
+
+    started = time.perf_counter()
+    try:
+        code = args.func(args)
+    except GradxformError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if os.environ.get("GRADXFORM_TIMING"):
+        _log(f"[{args.command}: {time.perf_counter() - started:.2f}s]")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

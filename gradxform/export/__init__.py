@@ -1,0 +1,1 @@
+"""How a person sees what was done: ONNX files, DOT/SVG pictures, the report, reloadable artefacts."""
