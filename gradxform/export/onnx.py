@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,14 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, path: Path, expo
             torch.onnx.export(module, args, str(path), kwargs=kwargs or None, dynamo=False)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
+    """The innermost cause's first line: the exporter wraps the real reason (an unsupported op)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = _ANSI.sub("", str(e)).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 

@@ -18,7 +18,9 @@ def partition(weights: Sequence[float], candidates: Sequence[int], stages: int,
 
     ``weights[i]`` is the cost of unit ``i``; a cut ``c`` puts units ``< c`` before it and the rest
     after (``0 < c < len(weights)``). ``cross[k]`` is the tie-breaking cost of using
-    ``candidates[k]``. Returns the chosen cuts in increasing order.
+    ``candidates[k]``. Every stage must have positive cost: a stage that only reads sizes does no
+    work and would only add a hop. Returns the chosen cuts in increasing order; raises ValueError
+    when no such partition exists.
     """
     n = len(weights)
     cands = sorted(set(int(c) for c in candidates if 0 < c < n))
@@ -28,24 +30,26 @@ def partition(weights: Sequence[float], candidates: Sequence[int], stages: int,
         raise ValueError(f"{stages} stages need {stages - 1} cuts, only {len(cands)} allowed")
     if stages == 1:
         return []
-    prefix = np.concatenate([[0.0], np.cumsum(np.asarray(weights, dtype=np.float64))])
+    w = np.asarray(weights, dtype=np.float64)
+    prefix = np.concatenate([[0.0], np.cumsum(w)])
+    working = np.concatenate([[0], np.cumsum(w > 0)])  # counted, not summed: tiny costs still count
     points = np.array([0] + cands + [n])        # boundary k sits at unit points[k]
-    at = prefix[points]
     m = len(points)
-    seg = at[None, :] - at[:, None]             # seg[k, j] = cost of units points[k]..points[j]
+    seg = prefix[points][None, :] - prefix[points][:, None]   # seg[k, j]: units points[k]..points[j]
+    idle = working[points][None, :] - working[points][:, None] <= 0
     inf = np.inf
+    seg[idle | np.tri(m, dtype=bool)] = inf     # stages run forwards and each does some work
     # Phase 1: the minimal bottleneck. best[j] = min over partitions of 0..points[j] into s stages.
     best = np.where(np.arange(m) > 0, seg[0], inf)
     best[0] = inf
     for _ in range(stages - 1):
-        cand = np.maximum(best[:, None], seg)
-        cand[np.tril_indices(m)] = inf          # a stage must hold at least one unit
-        best = cand.min(axis=0)
+        best = np.maximum(best[:, None], seg).min(axis=0)
     bottleneck = best[-1]
+    if not np.isfinite(bottleneck):
+        raise ValueError(f"no partition into {stages} stages gives every stage some work")
     # Phase 2: fewest crossing bytes among partitions whose every stage is within the bottleneck.
     tol = 1e-9 * max(1.0, abs(bottleneck))
     fits = seg <= bottleneck + tol
-    fits[np.tril_indices(m)] = False
     cost_at = np.zeros(m)
     if cross is not None:
         cross_at = dict(zip((int(c) for c in candidates), cross))

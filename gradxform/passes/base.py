@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
@@ -123,7 +124,7 @@ def type_name(tp: Any) -> str:
         return "|".join(map(str, get_args(tp)))
     if origin in (list, tuple):
         return f"list[{type_name(get_args(tp)[0])}]"
-    if origin is Union or str(origin) == "types.UnionType":
+    if origin in (Union, types.UnionType):
         return "|".join(type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
@@ -140,7 +141,7 @@ def convert(value: str, tp: Any) -> Any:
         if value in choices:
             return value
         raise ValueError(f"expected one of {', '.join(map(str, choices))}")
-    if origin is Union or str(origin) == "types.UnionType":
+    if origin in (Union, types.UnionType):
         args = get_args(tp)
         if value.lower() == "none" and type(None) in args:
             return None

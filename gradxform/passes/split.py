@@ -61,16 +61,18 @@ class Split(Pass):
                                     hint="leave out 'stages' when giving 'at'")
             weights = self._weights(gm, order, costs, values, "flops", ctx)
         else:
-            if opts.stages - 1 > len(valid):
-                blocked = [c.reason for c in an.cuts if not c.valid and "shared" in c.reason]
-                raise PipelineError(
-                    f"cannot cut into {opts.stages} stages: the model has only {len(valid)} valid cut "
-                    f"points, enough for {len(valid) + 1} stages",
-                    hint=(f"{blocked[0]}; untie it or use fewer stages" if blocked
-                          else "use fewer stages, or run 'gradxform inspect' to see the cut points"))
             weights = self._weights(gm, order, costs, values, opts.balance, ctx)
             cross = [evaluate(c.bytes, values) for c in valid]
-            cuts = partition(weights, [c.index for c in valid], opts.stages, cross)
+            try:
+                cuts = partition(weights, [c.index for c in valid], opts.stages, cross)
+            except ValueError:
+                useful = _useful_cuts(weights, [c.index for c in valid])
+                blocked = [c.reason for c in an.cuts if not c.valid and "shared" in c.reason]
+                raise PipelineError(
+                    f"cannot cut into {opts.stages} stages: the model has only {useful} valid cut "
+                    f"points between layers that do work, enough for {useful + 1} stages",
+                    hint=(f"{blocked[0]}; untie it or use fewer stages" if blocked
+                          else "use fewer stages, or run 'gradxform inspect' to see the cut points")) from None
         staged = build_stages(gm, an, cuts)
         share = stage_costs(weights, cuts)
         whole = sum(share) or 1.0
@@ -132,6 +134,16 @@ class Split(Pass):
         if cuts != sorted(set(cuts)):
             raise PipelineError(f"split{{at={','.join(at)}}}: cut points must be distinct and in model order")
         return cuts
+
+
+def _useful_cuts(weights: list[float], cuts: list[int]) -> int:
+    """How many of ``cuts`` separate work from work (the most stages minus one)."""
+    count, since = 0, 0.0
+    for i, w in enumerate(weights):
+        if i in cuts and since > 0:
+            count, since = count + 1, 0.0
+        since += w
+    return count - (1 if count and since <= 0 else 0)
 
 
 def _is_tensor(node: Any) -> bool:

@@ -1,0 +1,100 @@
+"""Residual blocks, chains and cut points found by the analysis."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gradxform.compiler import prepare
+from gradxform.frontend.loader import LoadedModel
+from gradxform.ir.analysis import analyse
+
+from ..conftest import example
+
+
+def _analyse(target):
+    gm, _, _, _ = prepare(example(target))
+    return gm, analyse(gm)
+
+
+def test_resnet18_blocks_and_reasons():
+    _, an = _analyse("resnet.py")
+    ids = [b.id for b in an.blocks]
+    assert ids == ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1", "layer4.0", "layer4.1"]
+    by_id = {b.id: b for b in an.blocks}
+    assert by_id["layer1.0"].invertible and by_id["layer1.0"].post_act is not None  # relu(x + f(x))
+    assert not by_id["layer2.0"].invertible
+    assert "projection skip through layer2.0.downsample.0 (conv)" in by_id["layer2.0"].reason
+    assert [[b.id for b in c] for c in an.chains] == [["layer1.0", "layer1.1"], ["layer2.1"], ["layer3.1"],
+                                                     ["layer4.1"]]
+
+
+def test_resnet50_chains():
+    _, an = _analyse("resnet.py:resnet50")
+    assert len(an.blocks) == 16
+    assert [len(c) for c in an.chains] == [2, 3, 5, 2]  # every stage's first block has a projection skip
+
+
+def test_vit_pre_ln_sub_blocks_form_one_chain():
+    _, an = _analyse("vit.py")
+    assert len(an.blocks) == 12 and all(b.invertible for b in an.blocks)
+    assert an.blocks[0].id == "blocks.0[0]" and an.blocks[1].id == "blocks.0[1]"
+    assert all(b.post_act is None for b in an.blocks)
+    assert len(an.chains) == 1 and len(an.chains[0]) == 12
+
+
+def test_lm_mask_is_not_mistaken_for_a_skip():
+    _, an = _analyse("lm.py")
+    assert [b.id for b in an.blocks] == [f"layers.{i}[{j}]" for i in range(4) for j in range(2)]
+    assert all(b.skip == [] for b in an.blocks)
+
+
+def test_cut_points_never_inside_blocks_and_carry_tensors():
+    gm, an = _analyse("resnet.py")
+    inside = {n for b in an.blocks for n in b.nodes if n is not b.exit}
+    for c in an.valid_cuts:
+        assert an.order[c.index - 1] not in inside
+        assert all(isinstance(v.meta["val"], torch.Tensor) for v in c.crossing)
+    after = [c.after for c in an.valid_cuts]
+    assert "layer1_0_relu_1" in after and "layer1_0_conv2" not in after
+    assert str(an.valid_cuts[0].bytes) == "262144*B"  # 64 channels x 32 x 32 x 4 bytes per sample
+
+
+def test_lm_cuts_carry_the_mask_and_reread_sizes():
+    _, an = _analyse("lm.py")
+    cut = next(c for c in an.valid_cuts if c.after == "add_4")
+    tensors = [v.name for v in cut.crossing if isinstance(v.meta.get("val"), torch.Tensor)]
+    assert tensors == ["add_1", "add_4"]  # the causal mask and the residual stream
+    assert str(cut.bytes) == "4*B*T**2 + 256*B*T"
+
+
+def test_projection_skip_with_pooling():
+    class Down(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.f = nn.Sequential(nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 1, 1))
+            self.pool = nn.AvgPool2d(2)  # ResNet-D: average-pool, then a 1x1 projection
+            self.proj = nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            return self.f(x) + self.proj(self.pool(x))
+
+    model = Down()
+    gm, _, _, _ = prepare(LoadedModel(model, (torch.randn(2, 4, 8, 8),)))
+    (block,) = analyse(gm).blocks
+    assert not block.invertible and [n.target for n in block.skip] == ["pool", "proj"]
+
+
+def test_shared_module_blocks_cuts_between_its_uses():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.mid = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.shared(self.mid(self.shared(x)))
+
+    gm, _, _, _ = prepare(LoadedModel(Tied(), (torch.randn(2, 4),)))
+    an = analyse(gm)
+    assert not an.valid_cuts
+    assert all("shared.weight" in c.reason and "shared or tied" in c.reason for c in an.cuts)

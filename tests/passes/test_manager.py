@@ -1,0 +1,141 @@
+"""The PassManager: verification after each pass, and where failures are reported."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from gradxform.compiler import prepare
+from gradxform.errors import PassError
+from gradxform.frontend.loader import LoadedModel
+from gradxform.passes.base import Pass, PassResult
+from gradxform.passes.manager import PassContext, PassManager, compare
+
+
+class FlipRelu(Pass):
+    """Claims to preserve the function but turns relu into sigmoid: the manager must catch it."""
+
+    name = "flip-relu"
+
+    def run(self, gm, ctx):
+        for n in gm.graph.nodes:
+            if n.op == "call_function" and n.target is torch.relu:
+                n.target = torch.sigmoid
+        return PassResult(gm, True, ["flipped"])
+
+
+class Crash(Pass):
+    name = "crash"
+
+    def run(self, gm, ctx):
+        raise RuntimeError("boom")
+
+
+class Noop(Pass):
+    name = "noop"
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False)
+
+
+class ScaleOutput(Pass):
+    """Changes the function on purpose (like adding heads): not compared."""
+
+    name = "scale"
+    preserves_function = False
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            scaled = gm.graph.call_function(torch.mul, (out.args[0], 2.0))
+        out.args = (scaled,)
+        return PassResult(gm, True)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.relu(self.a(x))
+
+
+def _prepared():
+    x = torch.randn(3, 4)
+    gm, _, _, _ = prepare(LoadedModel(Net(), (x,)))
+    return gm, PassContext((x,))
+
+
+def test_broken_preserving_pass_is_named():
+    gm, ctx = _prepared()
+    with pytest.raises(PassError) as e:
+        PassManager([Noop(), FlipRelu()], "noop,flip-relu").run(gm, ctx)
+    text = str(e.value)
+    assert "pass 'flip-relu' changed the model's outputs" in text
+    assert "step 2 of pipeline 'noop,flip-relu' (after noop)" in text
+
+
+def test_crashing_pass_reports_its_position():
+    gm, ctx = _prepared()
+    with pytest.raises(PassError) as e:
+        PassManager([Noop(), Crash()], "noop,crash").run(gm, ctx)
+    assert "pass 'crash' failed: RuntimeError: boom" in str(e.value)
+    assert "step 2" in str(e.value) and "after noop" in str(e.value)
+
+
+def test_non_preserving_pass_is_not_compared_and_records_stats():
+    gm, ctx = _prepared()
+    module, records = PassManager([ScaleOutput(), Noop()]).run(gm, ctx)
+    assert [r.changed for r in records] == [True, False]
+    assert records[0].max_abs_diff is None and records[1].max_abs_diff == 0.0
+    assert records[0].nodes[1] == records[0].nodes[0] + 1
+    assert records[0].params == (20, 20)
+    torch.testing.assert_close(module(ctx.args[0]), 2 * torch.relu(gm.a(ctx.args[0])))
+
+
+def test_check_disabled_lets_a_broken_pass_through():
+    gm, ctx = _prepared()
+    ctx.check = False
+    module, records = PassManager([FlipRelu()]).run(gm, ctx)
+    assert records[0].notes == ["flipped"]
+
+
+def test_tolerance_is_configurable():
+    a = {"y": torch.tensor([1.0, 2.0])}
+    b = {"y": torch.tensor([1.0, 2.001])}
+    assert not compare(a, b, None, None)[1]
+    diff, ok, _ = compare(a, b, 1e-2, 0.0)
+    assert ok and abs(diff - 0.001) < 1e-6
+    assert not compare(a, {"z": a["y"]}, None, None)[1]  # structure changed
+
+
+def test_equal_infinities_are_no_difference():
+    a = torch.tensor([float("-inf"), 1.0])
+    assert compare(a, a.clone(), None, None)[:2] == (0.0, True)
+
+
+def test_manager_keeps_buffers_untouched():
+    x = torch.randn(8, 3, 4, 4)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    gm, _, _, _ = prepare(LoadedModel(model, (x,)))
+    before = model[1].running_mean.clone()
+    PassManager([Noop()]).run(gm, PassContext((x,)))
+    assert torch.equal(model[1].running_mean, before)
+
+
+def test_lint_catches_a_malformed_graph():
+    class Dangling(Pass):
+        name = "dangling"
+
+        def run(self, gm, ctx):
+            relu = next(n for n in gm.graph.nodes if n.target is torch.relu)
+            other = fx.Graph().placeholder("stranger")
+            relu.args = (other,)  # a node from another graph
+            return PassResult(gm, True)
+
+    gm, ctx = _prepared()
+    with pytest.raises(PassError, match="pass 'dangling' failed"):
+        PassManager([Dangling()]).run(gm, ctx)
