@@ -15,7 +15,7 @@ from .export.artefact import Recipe
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
 from .ir.analysis import Analysis, analyse
-from .ir.meta import flat_inputs, propagate, tags
+from .ir.meta import flat_inputs, has_metadata, propagate, symbol_names, tags
 from .passes.base import resolve_pipeline
 from .passes.manager import PassContext, PassManager, compare, run_example
 
@@ -56,8 +56,8 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
     timings["trace"] = time.perf_counter() - start
     gm = traced.gm
     start = time.perf_counter()
-    if traced.tracer == "export":
-        propagate(gm)  # export's own symbolic values, renamed
+    if traced.tracer == "export" and has_metadata(gm):
+        gm.meta["gx_symbols"] = symbol_names(gm)  # export's own symbolic values, named B/T
     else:
         propagate(gm, flat_inputs(gm, loaded.args, loaded.kwargs))
     timings["metadata"] = time.perf_counter() - start

@@ -164,6 +164,11 @@ def propagate(gm: fx.GraphModule, flat: list | None = None) -> fx.GraphModule:
     return gm
 
 
+def has_metadata(gm: fx.GraphModule) -> bool:
+    """Whether every node already carries ``meta['val']`` (true of a fresh ``torch.export`` graph)."""
+    return all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
+
+
 def symbol_names(gm: fx.GraphModule) -> dict[str, tuple[str, int]]:
     """Map the shape environment's symbols (``s0``) to ``('B', hint)`` / ``('T', hint)``."""
     names: dict[str, tuple[str, int]] = {}

@@ -47,6 +47,10 @@ class Pass:
 
     ``preserves_function``: the PassManager checks that outputs are unchanged on the example inputs.
     ``whole_model``: the pass sees a staged model whole (``split``); other passes run once per stage.
+
+    Metadata: after a pass that changed the graph, the manager re-propagates shapes when any node
+    lacks ``meta['val']``. A pass that changes what an existing node computes must therefore drop
+    that node's ``val`` (new nodes start without one).
     """
 
     name: ClassVar[str] = ""

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import GradxformError, PassError
 from ..ir.cost import evaluate, hints, node_costs, total
-from ..ir.meta import propagate
+from ..ir.meta import has_metadata, propagate
 from .base import Pass, PassResult
 
 
@@ -148,7 +148,8 @@ class PassManager:
                     g.graph.lint()
                     if result.changed:
                         g.recompile()
-                        propagate(g)
+                        if not has_metadata(g):
+                            propagate(g)
             except GradxformError as e:
                 e.where = e.where or where
                 raise

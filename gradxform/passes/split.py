@@ -227,9 +227,14 @@ def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
                 raise RuntimeError(f"value '{n.name}' is needed in stage {s} but was not carried")
             if not source:
                 return int(val)
-            parts = [graph.call_function(torch.ops.aten.sym_size.int, (env[t], d)) if exported
-                     else graph.call_method("size", (env[t], d)) for t, d in source]
+            parts = []
+            for t, d in source:
+                part = (graph.call_function(torch.ops.aten.sym_size.int, (env[t], d)) if exported
+                        else graph.call_method("size", (env[t], d)))
+                part.meta["val"] = t.meta["val"].shape[d]
+                parts.append(part)
             env[n] = parts[0] if len(parts) == 1 else graph.call_function(operator.mul, tuple(parts))
+            env[n].meta["val"] = val
             return env[n]
 
         for node in order[lo:hi]:
