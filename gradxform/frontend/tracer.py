@@ -43,9 +43,24 @@ def trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
     concrete = {p.name: p.default for p in params
                 if p.name not in given and p.default is not inspect.Parameter.empty
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    gm = fx.symbolic_trace(model, concrete_args=concrete or None)
+    tracer = GxTracer()
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     gm.meta["gx_tracer"] = "fx"
     return gm
+
+
+class GxTracer(fx.Tracer):
+    """symbolic_trace's tracer, keeping gradxform's own modules as leaves.
+
+    Tracing into a ReversibleChain would inline its autograd.Function: the gradients stay right but
+    the memory saving silently vanishes.
+    """
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        from ..nn import LEAF_MODULES
+
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -149,6 +149,13 @@ def _match_residual(add: fx.Node, operands: list[fx.Node], gm: fx.GraphModule,
     body = [n for n in bit if (anc[main] & bit[n] or n is main) and anc[n] & bit[entry]
             and n not in skip and n is not entry]
     inside = set(body)
+    # Side-effect tails (an exported BatchNorm's copy_ into its running statistics) belong to the block.
+    allowed = inside | {entry}
+    tails = {u for n in body for u in n.users if not u.users and u is not add and u.op == "call_function"
+             and all(p in allowed or p.op == "get_attr" for p in u.all_input_nodes)}
+    if tails:
+        body = [n for n in bit if n in inside or n in tails]
+        inside = set(body)
     if not body or any(u in inside and op_kind(u, gm) == "add" for u in entry.users):
         # The entry is added in again inside the body: a value reused across layers (a mask
         # reaching this layer through the previous ones), not this block's input.

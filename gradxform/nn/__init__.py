@@ -1,6 +1,9 @@
-"""The modules that passes insert: the staged container (and, with later passes, couplings,
-low-rank layers and auxiliary heads)."""
+"""The modules that passes insert: the staged container, reversible couplings and chains."""
 
+from .reversible import LeapfrogCoupling, MomentumCoupling, ReversibleChain
 from .staged import StagedModule
 
-__all__ = ["StagedModule"]
+# Modules the fx tracer keeps whole (their forward holds custom autograd logic).
+LEAF_MODULES = (ReversibleChain,)
+
+__all__ = ["StagedModule", "ReversibleChain", "LeapfrogCoupling", "MomentumCoupling", "LEAF_MODULES"]

@@ -1,3 +1,3 @@
 """Importing this module registers gradxform's built-in passes and composites."""
 
-from . import split  # noqa: F401
+from . import reversible, split  # noqa: F401

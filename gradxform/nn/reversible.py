@@ -1,0 +1,305 @@
+"""Reversible couplings and chains: residual stacks whose backward stores no activations.
+
+A chain of residual blocks ``y = x + f_i(x)`` is rewritten as a *coupling* over a two-tensor state
+whose input can be recomputed from its output (ALGORITHMS.md §1):
+
+- ``LeapfrogCoupling``: ``(a, b) -> (b + f(a), a)``; inverse ``(a', b') -> (b', a' - f(b'))``.
+  Entering sets ``a = b = x``; leaving merges the streams (``first``: ``a``; ``mean``: ``(a+b)/2``).
+- ``MomentumCoupling(gamma)``: ``v <- gamma v + (1-gamma) f(x); x <- x + v``; inverse
+  ``x <- x - v; v <- (v - (1-gamma) f(x)) / gamma``. Starts from ``v = 0``.
+
+``ReversibleChain`` runs all of its steps inside one ``autograd.Function`` that saves only the final
+state (and side inputs such as an attention mask): memory is O(1) in depth. Its backward walks the
+blocks from last to first, reconstructing each block's input by inversion and recomputing ``f``
+once under autograd, which serves both the inverse and the vector-Jacobian product.
+
+Correctness traps handled here: buffers (BatchNorm running statistics) are restored after every
+recompute, so they are updated once per step; the RNG state of blocks with randomness is captured in
+forward and replayed in backward; ``f`` that mutates its input works on a copy. Under tracing, ONNX
+export, or without gradients, the chain runs its plain forward maths instead of the Function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+State = tuple[torch.Tensor, ...]
+# f_vjp(a, g) -> (f(a) detached, g·∂f/∂a); parameter and side-input gradients are accumulated inside.
+FVjp = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class LeapfrogCoupling:
+    """``(a, b) -> (b + f(a), a)``: the two-stream form PETRA uses for ResNets."""
+
+    name = "leapfrog"
+
+    def __init__(self, merge: str = "first"):
+        if merge not in ("first", "mean"):
+            raise ValueError(f"merge must be 'first' or 'mean', got {merge!r}")
+        self.merge = merge
+
+    def enter(self, x: torch.Tensor) -> State:
+        return (x, x)
+
+    def exit(self, state: State) -> torch.Tensor:
+        a, b = state
+        return a if self.merge == "first" else (a + b) * 0.5
+
+    def step(self, state: State, f: Callable) -> State:
+        a, b = state
+        return (b + f(a), a)
+
+    def inverse(self, state: State, f: Callable) -> State:
+        a2, b2 = state
+        return (b2, a2 - f(b2))
+
+    def step_backward(self, state: State, grads: State, f_vjp: FVjp) -> tuple[State, State]:
+        a2, b2 = state
+        ga2, gb2 = grads
+        fa, ga_f = f_vjp(b2, ga2)        # a = b2; one recompute of f gives both
+        return (b2, a2 - fa), (gb2 + ga_f, ga2)
+
+    def describe(self) -> str:
+        return f"leapfrog(merge={self.merge})"
+
+
+class MomentumCoupling:
+    """Momentum ResNet: ``v <- gamma v + (1-gamma) f(x); x <- x + v``.
+
+    The inverse divides by ``gamma`` at every block, so reconstruction error grows like
+    ``gamma**-depth``: keep ``gamma`` moderate (0.9).
+    """
+
+    name = "momentum"
+
+    def __init__(self, gamma: float = 0.9):
+        if not 0.0 < gamma < 1.0:
+            raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+        self.gamma = gamma
+
+    def enter(self, x: torch.Tensor) -> State:
+        return (x, torch.zeros_like(x))
+
+    def exit(self, state: State) -> torch.Tensor:
+        return state[0]
+
+    def step(self, state: State, f: Callable) -> State:
+        x, v = state
+        v = self.gamma * v + (1.0 - self.gamma) * f(x)
+        return (x + v, v)
+
+    def inverse(self, state: State, f: Callable) -> State:
+        x2, v2 = state
+        x = x2 - v2
+        return (x, (v2 - (1.0 - self.gamma) * f(x)) / self.gamma)
+
+    def step_backward(self, state: State, grads: State, f_vjp: FVjp) -> tuple[State, State]:
+        x2, v2 = state
+        gx2, gv2 = grads
+        gv = gv2 + gx2                   # v2 feeds x2 = x + v2
+        x = x2 - v2
+        fx, gx_f = f_vjp(x, (1.0 - self.gamma) * gv)
+        return (x, (v2 - (1.0 - self.gamma) * fx) / self.gamma), (gx2 + gx_f, self.gamma * gv)
+
+    def describe(self) -> str:
+        return f"momentum(gamma={self.gamma})"
+
+
+COUPLINGS = {"leapfrog": LeapfrogCoupling, "momentum": MomentumCoupling}
+
+
+@contextlib.contextmanager
+def frozen_buffers(module: nn.Module):
+    """Run ``module`` without leaving a trace in its buffers (BatchNorm running statistics).
+
+    Works for both spellings: an ``nn.BatchNorm`` module updating in place and an exported graph's
+    ``copy_`` into its buffers.
+    """
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
+
+
+def _rng_state(device: torch.device) -> Any:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def _replayed_rng(state: Any, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _plain_path() -> bool:
+    """Run the forward maths directly (tracing, export, or no gradient needed)."""
+    compiler = getattr(torch, "compiler", None)
+    exporting = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+
+
+class ReversibleChain(nn.Module):
+    """Consecutive residual blocks run as a reversible coupling.
+
+    ``blocks[i](x, *side)`` computes block i's residual function ``f_i`` (any post-addition
+    activation moved inside). ``side`` are tensors every block may read but never changes (an
+    attention mask): they are saved, not reconstructed. With ``enter``/``exit`` false, the chain takes
+    or returns the coupling's state instead of one tensor, so a pipeline can cut a chain into parts.
+    ``memory_saving=False`` runs the same architecture with ordinary autograd (the reference).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], coupling: Any, *, names: Sequence[str] | None = None,
+                 enter: bool = True, exit: bool = True, random: Sequence[bool] | None = None,
+                 memory_saving: bool = True, drift_every: int = 0):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.coupling = coupling
+        self.names = list(names or [str(i) for i in range(len(blocks))])
+        self.enter, self.exit = enter, exit
+        self.random = list(random or [False] * len(blocks))
+        self.memory_saving = memory_saving
+        self.drift_every = drift_every
+        self.drift_log: list[dict[str, Any]] = []
+        self._calls = 0
+
+    # -- the coupling's maths, shared by every path ------------------------------------------
+    def _f(self, i: int, side: tuple) -> Callable:
+        return lambda a: self.blocks[i](a, *side)
+
+    def run_steps(self, state: State, side: tuple, lo: int = 0, hi: int | None = None) -> State:
+        for i in range(lo, len(self.blocks) if hi is None else hi):
+            state = self.coupling.step(state, self._f(i, side))
+        return state
+
+    def inverse(self, *state_and_side: torch.Tensor) -> State:
+        """The chain's input state from its output state (and side inputs); no gradients."""
+        n = 2
+        state, side = tuple(state_and_side[:n]), tuple(state_and_side[n:])
+        with torch.no_grad(), frozen_buffers(self):
+            for i in reversed(range(len(self.blocks))):
+                state = self.coupling.inverse(state, self._f(i, side))
+        return state
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        if self.enter:
+            state, side = self.coupling.enter(inputs[0]), tuple(inputs[1:])
+        else:
+            state, side = tuple(inputs[:2]), tuple(inputs[2:])
+        if self.training and self.drift_every and not _plain_path():
+            self._calls += 1
+            if self._calls % self.drift_every == 0:
+                self.drift_log.append({"call": self._calls, "relative_error": self.measure_drift(state, side)})
+        grads_needed = torch.is_grad_enabled() and (
+            any(t.requires_grad for t in (*state, *side) if isinstance(t, torch.Tensor))
+            or any(p.requires_grad for p in self.parameters()))
+        if not self.memory_saving or not grads_needed or _plain_path():
+            out = self.run_steps(state, side)
+        else:
+            params = [p for p in self.parameters() if p.requires_grad]
+            out = _ChainFunction.apply(self, len(state), len(side), *state, *side, *params)
+        return self.coupling.exit(out) if self.exit else tuple(out)
+
+    def measure_drift(self, state: State, side: tuple) -> list[float]:
+        """Relative error of each block's reconstructed input against the true one."""
+        with torch.no_grad(), frozen_buffers(self), torch.random.fork_rng(devices=[]):
+            states = [state]
+            for i in range(len(self.blocks)):
+                states.append(self.coupling.step(states[-1], self._f(i, side)))
+            errors = []
+            rec = states[-1]
+            for i in reversed(range(len(self.blocks))):
+                rec = self.coupling.inverse(rec, self._f(i, side))
+                true = states[i]
+                num = sum(float((r - t).double().norm() ** 2) for r, t in zip(rec, true)) ** 0.5
+                den = sum(float(t.double().norm() ** 2) for t in true) ** 0.5 or 1.0
+                errors.append(num / den)
+        return errors[::-1]
+
+    def slice(self, lo: int, hi: int, enter: bool, exit: bool) -> "ReversibleChain":
+        """Blocks ``lo:hi`` as a chain of their own (sharing parameters), for pipeline stages."""
+        return ReversibleChain(list(self.blocks[lo:hi]), self.coupling, names=self.names[lo:hi], enter=enter,
+                               exit=exit, random=self.random[lo:hi], memory_saving=self.memory_saving,
+                               drift_every=self.drift_every)
+
+    def extra_repr(self) -> str:
+        return (f"{self.coupling.describe()}, blocks=[{', '.join(self.names)}], enter={self.enter}, "
+                f"exit={self.exit}, memory_saving={self.memory_saving}")
+
+    def gx_subgraphs(self) -> list[nn.Module]:
+        """The blocks' graphs, for the cost model."""
+        return list(self.blocks)
+
+
+class _ChainFunction(torch.autograd.Function):
+    """All steps of a chain; saves only the final state and the side inputs."""
+
+    @staticmethod
+    def forward(ctx, chain: ReversibleChain, n_state: int, n_side: int, *args: torch.Tensor) -> State:
+        state = tuple(args[:n_state])
+        side = tuple(args[n_state:n_state + n_side])
+        device = state[0].device
+        rng = []
+        with torch.no_grad():
+            for i in range(len(chain.blocks)):
+                rng.append(_rng_state(device) if chain.random[i] else None)
+                state = chain.coupling.step(state, chain._f(i, side))
+        ctx.chain, ctx.rng, ctx.n_state, ctx.n_side = chain, rng, n_state, n_side
+        ctx.n_params = len(args) - n_state - n_side
+        ctx.save_for_backward(*state, *side)
+        return state
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple:
+        chain = ctx.chain
+        saved = ctx.saved_tensors
+        state = tuple(t.detach() for t in saved[:ctx.n_state])
+        side = tuple(saved[ctx.n_state:])
+        params = [p for p in chain.parameters() if p.requires_grad]
+        index = {id(p): k for k, p in enumerate(params)}
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        side_grads: list[torch.Tensor | None] = [None] * len(side)
+        wants_side = [isinstance(s, torch.Tensor) and s.requires_grad for s in side]
+        grads = tuple(torch.zeros_like(s) if g is None else g for g, s in zip(grads, state))
+        device = state[0].device
+
+        for i in reversed(range(len(chain.blocks))):
+            block = chain.blocks[i]
+            block_params = [p for p in block.parameters() if p.requires_grad]
+
+            def f_vjp(a: torch.Tensor, g: torch.Tensor, i: int = i, block: nn.Module = block,
+                      block_params: list = block_params) -> tuple[torch.Tensor, torch.Tensor]:
+                rng = ctx.rng[i]
+                replay = _replayed_rng(rng, device) if rng is not None else contextlib.nullcontext()
+                with torch.enable_grad(), replay, frozen_buffers(block):
+                    a_ = a.detach().requires_grad_(True)
+                    side_in = tuple(s.detach().requires_grad_(True) if w else s for s, w in zip(side, wants_side))
+                    out = block(a_, *side_in)
+                    targets = [a_] + block_params + [s for s, w in zip(side_in, wants_side) if w]
+                    got = torch.autograd.grad(out, targets, g, allow_unused=True)
+                for p, gp in zip(block_params, got[1:1 + len(block_params)]):
+                    if gp is not None:
+                        k = index[id(p)]
+                        param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
+                rest = iter(got[1 + len(block_params):])
+                for k, w in enumerate(wants_side):
+                    if w:
+                        gs = next(rest)
+                        if gs is not None:
+                            side_grads[k] = gs if side_grads[k] is None else side_grads[k] + gs
+                ga = got[0] if got[0] is not None else torch.zeros_like(a)
+                return out.detach(), ga
+
+            state, grads = chain.coupling.step_backward(state, grads, f_vjp)
+        return (None, None, None, *grads, *side_grads, *param_grads)

@@ -1,0 +1,249 @@
+"""``reversible``: residual chains become reversible couplings whose backward stores no activations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import Pass, PassResult, option, register
+
+
+@dataclass
+class ReversibleOptions:
+    coupling: Literal["leapfrog", "momentum"] = option("leapfrog", "how the two-tensor state is coupled")
+    gamma: float = option(0.9, "momentum coupling: the velocity's decay (inverse divides by it per block)")
+    merge: Literal["first", "mean"] = option("first", "leapfrog: how the two streams leave the chain")
+    min_blocks: int = option(1, "convert only chains with at least this many invertible blocks")
+    drift_every: int = option(0, "in training, measure reconstruction error every N forward calls (0: never)")
+    memory_saving: bool = option(True, "false: the same architecture with ordinary autograd (a reference)")
+
+    def validate(self) -> None:
+        if not 0.0 < self.gamma < 1.0:
+            raise ValueError(f"gamma must be in (0, 1), got {self.gamma}")
+        if self.min_blocks < 1:
+            raise ValueError("min_blocks must be at least 1")
+        if self.drift_every < 0:
+            raise ValueError("drift_every must be 0 or positive")
+
+
+class _Skip(Exception):
+    """A block that looked invertible but cannot be extracted (the reason goes to the report)."""
+
+
+@register
+class Reversible(Pass):
+    """Convert every maximal chain of shape-preserving residual blocks into a ReversibleChain.
+
+    Each block's residual function f is reused as it is, with its parameters; an activation after the
+    addition (``relu(x + f(x))``) moves into f, as in PETRA's RevNets. The architecture changes (the
+    leapfrog coupling adds the block's output to the state two steps back), so the model's function is
+    not preserved: train it from scratch or fine-tune. Blocks with projection or strided skips, the
+    stem and the head stay ordinary layers that store their input.
+    """
+
+    name = "reversible"
+    summary = "residual chains -> reversible couplings whose backward stores no activations"
+    Options = ReversibleOptions
+    preserves_function = False
+
+    def run(self, gm: Any, ctx: Any) -> PassResult:
+        from ..ir.analysis import analyse, find_chains
+        from ..ir.cost import evaluate, hints, node_costs
+        from ..nn.reversible import COUPLINGS, ReversibleChain
+
+        opts = self.options
+        an = analyse(gm)
+        costs = node_costs(gm)
+        values = hints(gm)
+        notes: list[str] = []
+        for b in an.blocks:
+            if not b.invertible:
+                notes.append(f"block {b.id} not converted: {b.reason}")
+        chains = []
+        for chain in an.chains:
+            kept: list = []
+            for b in chain:
+                try:
+                    kept.append((b, extract_block(gm, b)))
+                except _Skip as e:
+                    notes.append(f"block {b.id} not converted: {e}")
+                    chains.append(kept)
+                    kept = []
+            chains.append(kept)
+        chains = [c for c in chains if c]
+        converted, before, after = [], 0, 0
+        existing = sum(1 for n, _ in gm.named_children() if n.startswith("rev"))
+        for k, chain in enumerate(chains):
+            names = [b.id for b, _ in chain]
+            if len(chain) < opts.min_blocks:
+                notes.append(f"chain {', '.join(names)} not converted: shorter than min_blocks={opts.min_blocks}")
+                continue
+            coupling = (COUPLINGS["momentum"](opts.gamma) if opts.coupling == "momentum"
+                        else COUPLINGS["leapfrog"](opts.merge))
+            sides = _ordered_union([x.sides for _, x in chain])
+            fs = [x.build(gm, sides) for _, x in chain]
+            module = ReversibleChain(fs, coupling, names=names, random=[x.random for _, x in chain],
+                                     memory_saving=opts.memory_saving, drift_every=opts.drift_every)
+            name = f"rev{existing + k}"
+            gm.add_submodule(name, module)
+            chain_nodes = [n for b, _ in chain for n in b.nodes]
+            stored = sum((costs[n].act_bytes for n in chain_nodes), 0)
+            first, last = chain[0][0], chain[-1][0]
+            state = 2 * costs[last.exit].act_bytes if costs[last.exit].act_bytes else stored
+            replace_chain(gm, first.entry, last.exit, chain_nodes, name, sides)
+            before_v, after_v = evaluate(stored, values), evaluate(state, values)
+            before += before_v
+            after += after_v
+            converted.append({"module": name, "blocks": names, "coupling": coupling.describe(),
+                              "side_inputs": [s.name for s in sides],
+                              "activation_bytes_before": str(stored), "activation_bytes_after": str(state)})
+            notes.append(f"{name}: blocks {', '.join(names)} -> {coupling.describe()}; activations kept for "
+                         f"backward {before_v / 2**20:.2f} MiB -> {after_v / 2**20:.2f} MiB at the example "
+                         f"(symbolic: {stored} -> {state})")
+        if converted:
+            _drop_unused_attrs(gm)
+            total_acts = evaluate(sum((c.act_bytes for c in costs.values()), 0), values)
+            notes.append(f"predicted activation memory of the whole model: {total_acts / 2**20:.2f} MiB -> "
+                         f"{(total_acts - before + after) / 2**20:.2f} MiB (cost model: bytes of every "
+                         f"activation, a reversible chain keeping only its final two-tensor state)")
+        else:
+            notes.append("no chain of invertible residual blocks found")
+        return PassResult(gm, bool(converted), notes, {"chains": converted})
+
+
+def _ordered_union(lists: list[list]) -> list:
+    seen, out = set(), []
+    for xs in lists:
+        for x in xs:
+            if x not in seen:
+                seen.add(x)
+                out.append(x)
+    return out
+
+
+class _Extracted:
+    """One block's residual function, ready to become a GraphModule taking (x, *sides)."""
+
+    def __init__(self, block: Any, main: Any, sides: list, sizes: dict, random: bool, clone_input: bool):
+        self.block, self.main, self.sides, self.sizes = block, main, sides, sizes
+        self.random, self.clone_input = random, clone_input
+
+    def build(self, gm: Any, sides: list) -> Any:
+        import torch
+        import torch.fx as fx
+
+        b = self.block
+        graph = fx.Graph()
+        x = graph.placeholder("x")
+        x.meta = dict(b.entry.meta)
+        env: dict = {}
+        for s in sides:
+            p = graph.placeholder(s.name)
+            p.meta = dict(s.meta)
+            env[s] = p
+        start = graph.call_method("clone", (x,)) if self.clone_input else x
+        env[b.entry] = start
+
+        def lookup(n: Any) -> Any:
+            if n in env:
+                return env[n]
+            if n.op == "get_attr":
+                env[n] = graph.get_attr(n.target)
+                env[n].meta = dict(n.meta)
+                return env[n]
+            source = self.sizes[n]  # a size: re-read it from x
+            if not source:
+                return int(n.meta["val"])
+            parts = []
+            for _, d in source:
+                part = graph.call_function(torch.ops.aten.sym_size.int, (x, d))
+                part.meta["val"] = b.entry.meta["val"].shape[d]
+                parts.append(part)
+            import operator
+
+            env[n] = parts[0] if len(parts) == 1 else graph.call_function(operator.mul, tuple(parts))
+            env[n].meta["val"] = n.meta["val"]
+            return env[n]
+
+        for n in b.body:
+            env[n] = graph.node_copy(n, lookup)
+        out = env[self.main]
+        if b.post_act is not None:  # the activation after the addition moves into f
+            out = graph.node_copy(b.post_act, lambda a: env[self.main] if a is b.add else lookup(a))
+        graph.output(out)
+        f = fx.GraphModule(gm, graph, class_name="ResidualFunction")
+        f.meta.update({k: v for k, v in gm.meta.items() if k.startswith("gx_")})
+        return f
+
+
+def extract_block(gm: Any, block: Any) -> _Extracted:
+    """Check that a block can stand alone as f(x, *sides) and collect what it needs."""
+    import torch
+
+    from ..ir.analysis import size_source
+    from ..ir.match import op_kind
+
+    inside = set(block.nodes)
+    skip_end = block.skip[-1] if block.skip else block.entry
+    main = next(a for a in block.add.args[:2] if a is not skip_end)
+    for n in block.body:
+        outside = [u for u in n.users if u not in inside]
+        if outside:
+            raise _Skip(f"'{n.name}' inside it is also used by '{outside[0].name}' outside the block")
+    if block.post_act is not None and len(block.add.users) != 1:
+        raise _Skip("the value before its activation is used elsewhere")
+    sides, sizes = [], {}
+    for n in block.body + ([block.post_act] if block.post_act is not None else []):
+        for a in n.all_input_nodes:
+            if a in inside or a is block.entry or a.op == "get_attr":
+                continue
+            val = a.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                if a not in sides:
+                    sides.append(a)
+                continue
+            source = size_source(val, [block.entry])
+            if source is None:
+                raise _Skip(f"it reads '{a.name}', which is neither a tensor nor a size of its input")
+            sizes[a] = source
+    random = any(op_kind(n, gm) in ("dropout",) or getattr(n.target, "__name__", "") in
+                 ("bernoulli", "rand", "randn", "rand_like", "randn_like", "native_dropout") for n in block.body)
+    clone = any(_mutates(n, gm) and n.args and n.args[0] is block.entry for n in block.body)
+    return _Extracted(block, main, sides, sizes, random, clone)
+
+
+def _mutates(node: Any, gm: Any) -> bool:
+    """Whether a node writes into its first argument (ReLU(inplace=True), x.relu_(), x += y)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        if node.kwargs.get("inplace"):
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return bool(schema.arguments) and schema.arguments[0].alias_info is not None and \
+                schema.arguments[0].alias_info.is_write
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") or name in ("iadd", "isub", "imul", "itruediv")
+    return False
+
+
+def replace_chain(gm: Any, entry: Any, exit_node: Any, nodes: list, name: str, sides: list) -> Any:
+    """Put ``call_module(name, (entry, *sides))`` in place of the chain's nodes."""
+    graph = gm.graph
+    with graph.inserting_after(exit_node):
+        new = graph.call_module(name, (entry, *sides))
+    members = set(nodes)
+    exit_node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new and u not in members)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(nodes, key=order.__getitem__, reverse=True):
+        graph.erase_node(n)
+    return new
+
+
+def _drop_unused_attrs(gm: Any) -> None:
+    for n in list(gm.graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            gm.graph.erase_node(n)

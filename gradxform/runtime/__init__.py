@@ -1,0 +1,1 @@
+"""How a transformed model is trained: data, schedules, executors, transports."""
