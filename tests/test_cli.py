@@ -165,3 +165,11 @@ def test_onnx_failure_keeps_other_artefacts(cli, tmp_path):
 
 def test_examples_dir_is_the_one_used():
     assert (EXAMPLES / "lm.py").exists()
+
+
+def test_compile_reversible_reports_predicted_memory(tmp_path):
+    r = run_cli("compile", "examples/resnet.py", "--pass", "reversible", "-o", str(tmp_path), "--emit", "json,pt")
+    assert r.returncode == 0, r.stderr
+    assert "rev0: blocks layer1.0, layer1.1 -> leapfrog(merge=first)" in r.stdout
+    assert "predicted activation memory of the whole model" in r.stdout
+    assert "block layer2.0 not converted: projection skip" in r.stdout

@@ -15,6 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..passes.manager import max_abs_diff
+from ..state import frozen_buffers
 
 
 @dataclass
@@ -132,8 +133,7 @@ def export_all(module: Any, args: tuple, kwargs: dict, folder: Path, exporter: s
                progress: Any = None) -> list[OnnxResult]:
     """``model.onnx`` for the whole model and ``stage{i}.onnx`` per stage of a staged model."""
     results = []
-    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
-    try:
+    with frozen_buffers(module):
         tick = progress or (lambda n=1: None)
         results.append(export_onnx(module, args, kwargs, folder / "model.onnx", "model", exporter))
         tick(1)
@@ -149,8 +149,4 @@ def export_all(module: Any, args: tuple, kwargs: dict, folder: Path, exporter: s
             for i, (stage, (a, k)) in enumerate(zip(stages, feeds)):
                 results.append(export_onnx(stage, a, k, folder / f"stage{i}.onnx", f"stage{i}", exporter))
                 tick(1)
-    finally:
-        with torch.no_grad():
-            for k, b in module.named_buffers():
-                b.copy_(buffers[k])
     return results

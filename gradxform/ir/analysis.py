@@ -44,9 +44,14 @@ class ResidualBlock:
 
     @property
     def nodes(self) -> list[fx.Node]:
-        """Every node of the block (body, skip path, addition, post-activation), in graph order."""
+        """Every node of the block: body, skip path, addition, post-activation."""
         extra = [self.add] + ([self.post_act] if self.post_act is not None else [])
         return self.body + self.skip + extra
+
+    @property
+    def nodes_in_order(self) -> list[fx.Node]:
+        members = set(self.nodes)
+        return [n for n in self.add.graph.nodes if n in members]
 
 
 @dataclass
@@ -265,7 +270,7 @@ def find_cuts(gm: fx.GraphModule, order: list[fx.Node], blocks: list[ResidualBlo
                 bad = [v for v in crossing if not _carriable(v, crossing)]
                 if bad:
                     reason = f"'{bad[0].name}' is not a tensor"
-        nbytes = sum((_bytes(v) for v in crossing), sympy.Integer(0))
+        nbytes = sum((tensor_bytes(v) for v in crossing), sympy.Integer(0))
         cuts.append(CutPoint(i, node.name, crossing, named(nbytes, gm), not reason, reason))
     return cuts
 
@@ -285,7 +290,8 @@ def _state_of(node: fx.Node, gm: fx.GraphModule, buffer_ids: set[int]) -> list[t
     return []
 
 
-def _bytes(v: fx.Node) -> sympy.Expr:
+def tensor_bytes(v: fx.Node) -> sympy.Expr:
+    """Bytes of the tensor a node produces (0 for non-tensors), in the shape environment's symbols."""
     val = v.meta.get("val")
     if isinstance(val, torch.Tensor):
         shape = [to_expr(s) for s in val.shape]

@@ -19,6 +19,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from ..state import frozen_buffers
+
 # node.meta key for gradxform's own tags: block, stage, role.
 GX = "gx"
 
@@ -149,7 +151,8 @@ def propagate(gm: fx.GraphModule, flat: list | None = None) -> fx.GraphModule:
     else:
         fakes, mode = _symbolic_fakes(flat)
     try:
-        _ShapeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+        with frozen_buffers(gm):  # layers run on fake inputs still bump real batch counters
+            _ShapeProp(gm, mode).propagate_dont_convert_inputs(*fakes)
     except Exception:
         # Some layer has no symbolic rule: fall back to the example's concrete sizes.
         if all(not isinstance(v, torch.Tensor) or isinstance(v, FakeTensor) for v in flat):
@@ -157,7 +160,8 @@ def propagate(gm: fx.GraphModule, flat: list | None = None) -> fx.GraphModule:
         static = FakeTensorMode(allow_non_fake_inputs=True)
         with static:
             fakes = [static.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in flat]
-        _ShapeProp(gm, static).propagate_dont_convert_inputs(*fakes)
+        with frozen_buffers(gm):
+            _ShapeProp(gm, static).propagate_dont_convert_inputs(*fakes)
     for node, value in zip(placeholders(gm), fakes):
         node.meta["val"] = value
     gm.meta["gx_symbols"] = symbol_names(gm)

@@ -27,6 +27,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..state import frozen_buffers
+
 State = tuple[torch.Tensor, ...]
 # f_vjp(a, g) -> (f(a) detached, g·∂f/∂a); parameter and side-input gradients are accumulated inside.
 FVjp = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -110,22 +112,6 @@ class MomentumCoupling:
 
 
 COUPLINGS = {"leapfrog": LeapfrogCoupling, "momentum": MomentumCoupling}
-
-
-@contextlib.contextmanager
-def frozen_buffers(module: nn.Module):
-    """Run ``module`` without leaving a trace in its buffers (BatchNorm running statistics).
-
-    Works for both spellings: an ``nn.BatchNorm`` module updating in place and an exported graph's
-    ``copy_`` into its buffers.
-    """
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, value in saved:
-                b.copy_(value)
 
 
 def _rng_state(device: torch.device) -> Any:
@@ -242,6 +228,39 @@ class ReversibleChain(nn.Module):
         return list(self.blocks)
 
 
+def _accumulate(slots: list, k: int, g: torch.Tensor | None) -> None:
+    if g is not None:
+        slots[k] = g if slots[k] is None else slots[k] + g
+
+
+def recompute_vjp(module: nn.Module, x: torch.Tensor, side: tuple, grad_out: torch.Tensor, rng: Any,
+                  device: torch.device, index: dict[int, int], param_grads: list, side_grads: list
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute ``module(x, *side)`` under autograd and apply the VJP of ``grad_out``.
+
+    Buffers are restored afterwards (BatchNorm statistics were already updated by the forward) and a
+    captured RNG state is replayed (dropout draws the same mask). Parameter and side-input gradients
+    are added into ``param_grads`` (by ``index[id(param)]``) and ``side_grads``. Returns the detached
+    output and the gradient with respect to ``x``.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    wants_side = [isinstance(s, torch.Tensor) and s.requires_grad for s in side]
+    replay = _replayed_rng(rng, device) if rng is not None else contextlib.nullcontext()
+    with torch.enable_grad(), replay, frozen_buffers(module):
+        x_ = x.detach().requires_grad_(True)
+        side_in = tuple(s.detach().requires_grad_(True) if w else s for s, w in zip(side, wants_side))
+        out = module(x_, *side_in)
+        targets = [x_] + params + [s for s, w in zip(side_in, wants_side) if w]
+        got = torch.autograd.grad(out, targets, grad_out, allow_unused=True)
+    for p, gp in zip(params, got[1:1 + len(params)]):
+        _accumulate(param_grads, index[id(p)], gp)
+    rest = iter(got[1 + len(params):])
+    for k, w in enumerate(wants_side):
+        if w:
+            _accumulate(side_grads, k, next(rest))
+    return out.detach(), got[0] if got[0] is not None else torch.zeros_like(x)
+
+
 class _ChainFunction(torch.autograd.Function):
     """All steps of a chain; saves only the final state and the side inputs."""
 
@@ -270,36 +289,68 @@ class _ChainFunction(torch.autograd.Function):
         index = {id(p): k for k, p in enumerate(params)}
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         side_grads: list[torch.Tensor | None] = [None] * len(side)
-        wants_side = [isinstance(s, torch.Tensor) and s.requires_grad for s in side]
         grads = tuple(torch.zeros_like(s) if g is None else g for g, s in zip(grads, state))
         device = state[0].device
 
         for i in reversed(range(len(chain.blocks))):
             block = chain.blocks[i]
-            block_params = [p for p in block.parameters() if p.requires_grad]
 
-            def f_vjp(a: torch.Tensor, g: torch.Tensor, i: int = i, block: nn.Module = block,
-                      block_params: list = block_params) -> tuple[torch.Tensor, torch.Tensor]:
-                rng = ctx.rng[i]
-                replay = _replayed_rng(rng, device) if rng is not None else contextlib.nullcontext()
-                with torch.enable_grad(), replay, frozen_buffers(block):
-                    a_ = a.detach().requires_grad_(True)
-                    side_in = tuple(s.detach().requires_grad_(True) if w else s for s, w in zip(side, wants_side))
-                    out = block(a_, *side_in)
-                    targets = [a_] + block_params + [s for s, w in zip(side_in, wants_side) if w]
-                    got = torch.autograd.grad(out, targets, g, allow_unused=True)
-                for p, gp in zip(block_params, got[1:1 + len(block_params)]):
-                    if gp is not None:
-                        k = index[id(p)]
-                        param_grads[k] = gp if param_grads[k] is None else param_grads[k] + gp
-                rest = iter(got[1 + len(block_params):])
-                for k, w in enumerate(wants_side):
-                    if w:
-                        gs = next(rest)
-                        if gs is not None:
-                            side_grads[k] = gs if side_grads[k] is None else side_grads[k] + gs
-                ga = got[0] if got[0] is not None else torch.zeros_like(a)
-                return out.detach(), ga
+            def f_vjp(a: torch.Tensor, g: torch.Tensor, i: int = i, block: nn.Module = block) -> tuple:
+                out, ga = recompute_vjp(block, a, side, g, ctx.rng[i], device, index, param_grads, side_grads)
+                return out, ga
 
             state, grads = chain.coupling.step_backward(state, grads, f_vjp)
         return (None, None, None, *grads, *side_grads, *param_grads)
+
+
+class StoredInputBlock(nn.Module):
+    """A block that keeps only its input for backward and recomputes itself there.
+
+    For the blocks a reversible chain cannot absorb (strided or projection skips, ALGORITHMS.md §1):
+    like activation checkpointing, but with BatchNorm statistics updated once and dropout replayed.
+    The maths is the block's own: the model's function does not change.
+    """
+
+    def __init__(self, block: nn.Module, name: str = "", random: bool = False):
+        super().__init__()
+        self.block = block
+        self.name = name
+        self.random = random
+
+    def forward(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
+        grads_needed = torch.is_grad_enabled() and (
+            x.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
+            or any(p.requires_grad for p in self.parameters()))
+        if not grads_needed or _plain_path():
+            return self.block(x, *side)
+        params = [p for p in self.parameters() if p.requires_grad]
+        return _StoredInputFunction.apply(self, len(side), x, *side, *params)
+
+    def extra_repr(self) -> str:
+        return f"block={self.name!r}, keeps its input only"
+
+    def gx_subgraphs(self) -> list[nn.Module]:
+        return [self.block]
+
+
+class _StoredInputFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owner: StoredInputBlock, n_side: int, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        side = tuple(rest[:n_side])
+        ctx.rng = _rng_state(x.device) if owner.random else None
+        with torch.no_grad():
+            out = owner.block(x, *side)
+        ctx.owner, ctx.n_side = owner, n_side
+        ctx.save_for_backward(x, *side)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
+        x, *side = ctx.saved_tensors
+        params = [p for p in ctx.owner.parameters() if p.requires_grad]
+        index = {id(p): k for k, p in enumerate(params)}
+        param_grads: list = [None] * len(params)
+        side_grads: list = [None] * len(side)
+        _, gx = recompute_vjp(ctx.owner.block, x, tuple(side), grad_out, ctx.rng, x.device, index,
+                              param_grads, side_grads)
+        return (None, None, gx, *side_grads, *param_grads)

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from ..errors import GradxformError, PassError
 from ..ir.cost import evaluate, hints, node_costs, total
 from ..ir.meta import has_metadata, propagate
+from ..state import frozen_buffers
 from .base import Pass, PassResult
 
 
@@ -74,16 +75,9 @@ def stats(module: Any) -> tuple[int, int, float]:
 
 def run_example(module: Any, ctx: PassContext) -> Any:
     """Outputs on the example inputs, leaving the module's buffers and the global RNG untouched."""
-    buffers = {k: b.detach().clone() for k, b in module.named_buffers()}
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(ctx.seed)
-            return module(*ctx.args, **ctx.kwargs)
-    finally:
-        with torch.no_grad():
-            for k, b in module.named_buffers():
-                if k in buffers:
-                    b.copy_(buffers[k])
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), frozen_buffers(module):
+        torch.manual_seed(ctx.seed)
+        return module(*ctx.args, **ctx.kwargs)
 
 
 def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ class ReversibleOptions:
     min_blocks: int = option(1, "convert only chains with at least this many invertible blocks")
     drift_every: int = option(0, "in training, measure reconstruction error every N forward calls (0: never)")
     memory_saving: bool = option(True, "false: the same architecture with ordinary autograd (a reference)")
+    store_inputs: bool = option(True, "blocks that cannot be inverted keep only their input and recompute in "
+                                      "backward (their maths is unchanged)")
 
     def validate(self) -> None:
         if not 0.0 < self.gamma < 1.0:
@@ -47,9 +49,9 @@ class Reversible(Pass):
     preserves_function = False
 
     def run(self, gm: Any, ctx: Any) -> PassResult:
-        from ..ir.analysis import analyse, find_chains
+        from ..ir.analysis import analyse
         from ..ir.cost import evaluate, hints, node_costs
-        from ..nn.reversible import COUPLINGS, ReversibleChain
+        from ..nn.reversible import COUPLINGS, ReversibleChain, StoredInputBlock
 
         opts = self.options
         an = analyse(gm)
@@ -71,8 +73,10 @@ class Reversible(Pass):
                     kept = []
             chains.append(kept)
         chains = [c for c in chains if c]
-        converted, before, after = [], 0, 0
-        existing = sum(1 for n, _ in gm.named_children() if n.startswith("rev"))
+        # Build every module from the untouched graph first, then rewrite it in one pass: a block's
+        # entry may be the exit of a block replaced before it.
+        plans = []  # (first node, last node, nodes, module name, module, sides, report entry)
+        existing = sum(1 for n, _ in gm.named_children() if n.startswith(("rev", "stored")))
         for k, chain in enumerate(chains):
             names = [b.id for b, _ in chain]
             if len(chain) < opts.min_blocks:
@@ -81,34 +85,57 @@ class Reversible(Pass):
             coupling = (COUPLINGS["momentum"](opts.gamma) if opts.coupling == "momentum"
                         else COUPLINGS["leapfrog"](opts.merge))
             sides = _ordered_union([x.sides for _, x in chain])
-            fs = [x.build(gm, sides) for _, x in chain]
-            module = ReversibleChain(fs, coupling, names=names, random=[x.random for _, x in chain],
-                                     memory_saving=opts.memory_saving, drift_every=opts.drift_every)
-            name = f"rev{existing + k}"
-            gm.add_submodule(name, module)
-            chain_nodes = [n for b, _ in chain for n in b.nodes]
-            stored = sum((costs[n].act_bytes for n in chain_nodes), 0)
+            module = ReversibleChain([x.build(gm, sides) for _, x in chain], coupling, names=names,
+                                     random=[x.random for _, x in chain], memory_saving=opts.memory_saving,
+                                     drift_every=opts.drift_every)
             first, last = chain[0][0], chain[-1][0]
-            state = 2 * costs[last.exit].act_bytes if costs[last.exit].act_bytes else stored
-            replace_chain(gm, first.entry, last.exit, chain_nodes, name, sides)
-            before_v, after_v = evaluate(stored, values), evaluate(state, values)
-            before += before_v
-            after += after_v
-            converted.append({"module": name, "blocks": names, "coupling": coupling.describe(),
-                              "side_inputs": [s.name for s in sides],
-                              "activation_bytes_before": str(stored), "activation_bytes_after": str(state)})
-            notes.append(f"{name}: blocks {', '.join(names)} -> {coupling.describe()}; activations kept for "
-                         f"backward {before_v / 2**20:.2f} MiB -> {after_v / 2**20:.2f} MiB at the example "
-                         f"(symbolic: {stored} -> {state})")
-        if converted:
+            nodes = [n for b, _ in chain for n in b.nodes]
+            kept = sum((costs[n].act_bytes for n in nodes), 0)
+            state = 2 * tensor_bytes(last.exit)
+            plans.append((first.entry, last.exit, nodes, f"rev{existing + k}", module, sides,
+                          {"kind": "chain", "blocks": names, "coupling": coupling.describe(), "before": kept,
+                           "after": state}))
+        if opts.store_inputs:
+            for k, b in enumerate(x for x in an.blocks if not x.invertible):
+                try:
+                    ex = extract_block(gm, b)
+                except _Skip as e:
+                    notes.append(f"block {b.id} keeps its activations: {e}")
+                    continue
+                module = StoredInputBlock(ex.build(gm, ex.sides, whole=True), b.id, ex.random)
+                plans.append((b.entry, b.exit, b.nodes, f"stored{existing + k}", module, ex.sides,
+                              {"kind": "stored", "blocks": [b.id], "before": sum((costs[n].act_bytes
+                                                                                  for n in b.nodes), 0),
+                               "after": tensor_bytes(b.entry)}))
+        renamed: dict = {}
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for entry, exit_node, nodes, name, module, sides, rec in sorted(plans, key=lambda p: order[p[1]]):
+            gm.add_submodule(name, module)
+            new = replace_chain(gm, renamed.get(entry, entry), exit_node, nodes, name,
+                                [renamed.get(s, s) for s in sides])
+            renamed[exit_node] = new
+            rec["module"], rec["side_inputs"] = name, [s.name for s in sides]
+        converted = [p[6] for p in plans if p[6]["kind"] == "chain"]
+        stored = [p[6] for p in plans if p[6]["kind"] == "stored"]
+        before = after = 0.0
+        for rec in converted + stored:
+            b_v, a_v = evaluate(rec["before"], values), evaluate(rec["after"], values)
+            before, after = before + b_v, after + a_v
+            what = (f"blocks {', '.join(rec['blocks'])} -> {rec['coupling']}" if rec["kind"] == "chain"
+                    else f"block {rec['blocks'][0]} keeps only its input")
+            notes.append(f"{rec['module']}: {what}; activations kept for backward {b_v / 2**20:.2f} MiB -> "
+                         f"{a_v / 2**20:.2f} MiB at the example (symbolic: {rec['before']} -> {rec['after']})")
+            rec["before"], rec["after"] = str(rec["before"]), str(rec["after"])
+        if plans:
             _drop_unused_attrs(gm)
             total_acts = evaluate(sum((c.act_bytes for c in costs.values()), 0), values)
             notes.append(f"predicted activation memory of the whole model: {total_acts / 2**20:.2f} MiB -> "
                          f"{(total_acts - before + after) / 2**20:.2f} MiB (cost model: bytes of every "
-                         f"activation, a reversible chain keeping only its final two-tensor state)")
+                         f"activation; a reversible chain keeps its final two-tensor state, a stored-input "
+                         f"block its input)")
         else:
             notes.append("no chain of invertible residual blocks found")
-        return PassResult(gm, bool(converted), notes, {"chains": converted})
+        return PassResult(gm, bool(plans), notes, {"chains": converted, "stored_input_blocks": stored})
 
 
 def _ordered_union(lists: list[list]) -> list:
@@ -128,7 +155,8 @@ class _Extracted:
         self.block, self.main, self.sides, self.sizes = block, main, sides, sizes
         self.random, self.clone_input = random, clone_input
 
-    def build(self, gm: Any, sides: list) -> Any:
+    def build(self, gm: Any, sides: list, whole: bool = False) -> Any:
+        """f(x, *sides) as a GraphModule: the residual function, or with ``whole`` the entire block."""
         import torch
         import torch.fx as fx
 
@@ -165,11 +193,16 @@ class _Extracted:
             env[n].meta["val"] = n.meta["val"]
             return env[n]
 
-        for n in b.body:
-            env[n] = graph.node_copy(n, lookup)
-        out = env[self.main]
-        if b.post_act is not None:  # the activation after the addition moves into f
-            out = graph.node_copy(b.post_act, lambda a: env[self.main] if a is b.add else lookup(a))
+        if whole:
+            for n in b.nodes_in_order:
+                env[n] = graph.node_copy(n, lookup)
+            out = env[b.exit]
+        else:
+            for n in b.body:
+                env[n] = graph.node_copy(n, lookup)
+            out = env[self.main]
+            if b.post_act is not None:  # the activation after the addition moves into f
+                out = graph.node_copy(b.post_act, lambda a: env[self.main] if a is b.add else lookup(a))
         graph.output(out)
         f = fx.GraphModule(gm, graph, class_name="ResidualFunction")
         f.meta.update({k: v for k, v in gm.meta.items() if k.startswith("gx_")})
@@ -186,14 +219,14 @@ def extract_block(gm: Any, block: Any) -> _Extracted:
     inside = set(block.nodes)
     skip_end = block.skip[-1] if block.skip else block.entry
     main = next(a for a in block.add.args[:2] if a is not skip_end)
-    for n in block.body:
+    for n in block.body + block.skip:
         outside = [u for u in n.users if u not in inside]
         if outside:
             raise _Skip(f"'{n.name}' inside it is also used by '{outside[0].name}' outside the block")
     if block.post_act is not None and len(block.add.users) != 1:
         raise _Skip("the value before its activation is used elsewhere")
     sides, sizes = [], {}
-    for n in block.body + ([block.post_act] if block.post_act is not None else []):
+    for n in block.nodes:
         for a in n.all_input_nodes:
             if a in inside or a is block.entry or a.op == "get_attr":
                 continue
@@ -207,7 +240,7 @@ def extract_block(gm: Any, block: Any) -> _Extracted:
                 raise _Skip(f"it reads '{a.name}', which is neither a tensor nor a size of its input")
             sizes[a] = source
     random = any(op_kind(n, gm) in ("dropout",) or getattr(n.target, "__name__", "") in
-                 ("bernoulli", "rand", "randn", "rand_like", "randn_like", "native_dropout") for n in block.body)
+                 ("bernoulli", "rand", "randn", "rand_like", "randn_like", "native_dropout") for n in block.nodes)
     clone = any(_mutates(n, gm) and n.args and n.args[0] is block.entry for n in block.body)
     return _Extracted(block, main, sides, sizes, random, clone)
 
@@ -241,6 +274,14 @@ def replace_chain(gm: Any, entry: Any, exit_node: Any, nodes: list, name: str, s
     for n in sorted(nodes, key=order.__getitem__, reverse=True):
         graph.erase_node(n)
     return new
+
+
+def tensor_bytes(node: Any) -> Any:
+    """Bytes of the tensor a node produces, named in B/T (views included: they are what is kept)."""
+    from ..ir import analysis
+    from ..ir.cost import named
+
+    return named(analysis.tensor_bytes(node), node.graph.owning_module)
 
 
 def _drop_unused_attrs(gm: Any) -> None:

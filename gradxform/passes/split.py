@@ -165,6 +165,7 @@ def measure_node_times(gm: Any, order: list, ctx: Any, repeats: int = 3) -> list
     import torch.fx as fx
 
     from ..ir.meta import flat_inputs
+    from ..state import frozen_buffers
 
     samples: dict[Any, list[float]] = {n: [] for n in order}
 
@@ -177,12 +178,9 @@ def measure_node_times(gm: Any, order: list, ctx: Any, repeats: int = 3) -> list
             return out
 
     flat = flat_inputs(gm, ctx.args, ctx.kwargs)
-    buffers = {k: b.clone() for k, b in gm.named_buffers()}
-    with torch.no_grad():
+    with torch.no_grad(), frozen_buffers(gm):
         for _ in range(repeats):
             Timed(gm).run(*flat)
-        for k, b in gm.named_buffers():
-            b.copy_(buffers[k])
     return [sorted(samples[n])[len(samples[n]) // 2] for n in order]
 
 

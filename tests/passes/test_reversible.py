@@ -8,7 +8,7 @@ from torch.testing import FileCheck
 
 import gradxform
 from gradxform.compiler import compile_loaded
-from gradxform.nn import ReversibleChain
+from gradxform.nn import ReversibleChain, StoredInputBlock
 
 from ..conftest import example
 from ..nn.test_reversible import saved_bytes
@@ -23,9 +23,12 @@ def test_golden_resnet18():
     code = module.code
     # layer1's two blocks become one chain fed by the stem; layer2.0 (projection skip) stays as it was
     FileCheck().check("maxpool = self.maxpool(").check("rev0 = self.rev0(maxpool)").check(
-        'getattr(self.layer2, "0").conv1(rev0)').check("downsample").check("self.rev1(").check(
-        "self.rev2(").check("self.rev3(").check("self.fc(").run(code)
-    assert "self.layer1" not in code
+        "stored0 = self.stored0(rev0)").check("rev1 = self.rev1(stored0)").check("self.stored1(rev1)").check(
+        "self.rev2(").check("self.stored2(").check("self.rev3(").check("self.fc(").run(code)
+    assert "self.layer" not in code  # every residual block is now a chain or a stored-input block
+    stored = [m for m in module.modules() if isinstance(m, StoredInputBlock)]
+    assert [m.name for m in stored] == ["layer2.0", "layer3.0", "layer4.0"]
+    FileCheck().check("conv1").check("downsample").check("add").check("relu").run(stored[0].block.code)
     chains = [m for m in module.modules() if isinstance(m, ReversibleChain)]
     assert [c.names for c in chains] == [["layer1.0", "layer1.1"], ["layer2.1"], ["layer3.1"], ["layer4.1"]]
     # each block's f reuses the original layers, with the post-addition ReLU moved inside
@@ -39,8 +42,10 @@ def test_report_names_converted_and_skipped_blocks():
     assert any(n.startswith("block layer2.0 not converted: projection skip") for n in notes)
     assert any(n.startswith("rev0: blocks layer1.0, layer1.1 -> leapfrog(merge=first)") for n in notes)
     assert any("predicted activation memory of the whole model" in n for n in notes)
-    info = result.report["passes"][0]["info"]["chains"][0]
-    assert info["activation_bytes_before"] == "3670016*B" and info["activation_bytes_after"] == "524288*B"
+    assert any(n.startswith("stored0: block layer2.0 keeps only its input") for n in notes)
+    info = result.report["passes"][0]["info"]
+    assert info["chains"][0]["before"] == "3670016*B" and info["chains"][0]["after"] == "524288*B"
+    assert [x["blocks"] for x in info["stored_input_blocks"]] == [["layer2.0"], ["layer3.0"], ["layer4.0"]]
 
 
 def test_second_run_changes_nothing():
@@ -72,6 +77,28 @@ def test_model_gradients_equal_plain_autograd(target, pipeline):
         torch.testing.assert_close(grads["true"][k], grads["false"][k], rtol=1e-10, atol=1e-10, msg=k)
     for k in buffers["true"]:
         assert torch.equal(buffers["true"][k], buffers["false"][k]), k
+
+
+def test_stored_input_blocks_keep_the_function_and_its_gradients():
+    loaded = example("resnet.py", double=True)
+    x = loaded.args[0]
+    reference = compile_loaded(example("resnet.py", double=True), "split{stages=1}", check=False).module.train()
+    module = compile_loaded(loaded, "reversible{min_blocks=99}", check=True).module.train()
+    assert not any(isinstance(m, ReversibleChain) for m in module.modules())
+    assert sum(isinstance(m, StoredInputBlock) for m in module.modules()) == 3
+    for m in (reference, module):
+        m.zero_grad()
+        m(x).pow(2).mean().backward()
+    ref = dict(reference.named_parameters())
+    got = {k: p for k, p in module.named_parameters()}
+    by_name = {k.split(".", 2)[-1] if k.startswith("stages.") else k: p for k, p in ref.items()}
+    for k, p in got.items():
+        key = k.split(".", 2)[-1] if k.startswith("stored") else k
+        torch.testing.assert_close(p.grad, by_name[key].grad, rtol=1e-10, atol=1e-12, msg=k)
+    ref_buffers = {k.split(".", 2)[-1]: b for k, b in reference.named_buffers()}
+    for k, b in module.named_buffers():
+        key = k.split(".", 2)[-1] if k.startswith("stored") else k
+        assert torch.equal(b, ref_buffers[key]), k
 
 
 def test_saved_bytes_shrink_on_a_whole_model():
