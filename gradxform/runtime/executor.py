@@ -1,0 +1,226 @@
+"""The stage executor: performs a schedule's actions on one stage.
+
+What a stage keeps between a micro-batch's forward and its backward is the schedule's *policy*
+(ALGORITHMS.md §2):
+
+| policy   | schedules                        | kept per in-flight micro-batch | backward uses              |
+|----------|----------------------------------|--------------------------------|----------------------------|
+| graph    | backprop, gpipe, 1f1b            | the autograd graph             | forward-time everything    |
+| snapshot | delayed-exact                    | autograd graph + weight copy   | forward-time weights/input |
+| stash    | stash (PipeDream)                | input + weight copy            | stashed weights, input     |
+| input    | dsp; petra on non-invertible     | input                          | current weights, input     |
+| invert   | petra on invertible stages       | nothing                        | current weights, input     |
+|          |                                  |                                | reconstructed by inversion |
+
+Backward messages carry the gradient with respect to the boundary tensors; for ``petra`` they also
+carry the reconstructed boundary activation, which an invertible stage inverts further. Recomputes
+run with the stage's buffers frozen (BatchNorm statistics are updated once, in the forward) and with
+the forward's RNG state replayed (dropout draws the same mask).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import functional_call
+
+from ..state import frozen_buffers
+
+POLICIES = {"backprop": "graph", "gpipe": "graph", "1f1b": "graph", "delayed-exact": "snapshot",
+            "stash": "stash", "dsp": "input", "petra": "input"}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); names the stage."""
+
+
+@dataclass
+class Kept:
+    """What a stage holds for one in-flight micro-batch."""
+
+    inputs: tuple | None = None
+    outputs: Any = None
+    weights: dict[str, torch.Tensor] | None = None
+    rng: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [t for t in pytree.tree_leaves((self.inputs, self.outputs, self.weights, self.rng))
+                   if isinstance(t, torch.Tensor)]
+        seen, total = set(), 0
+        for t in tensors:  # count storage once: views and shared inputs are not copies
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+        return total
+
+
+@dataclass
+class StageStats:
+    forwards: int = 0
+    backwards: int = 0
+    updates: int = 0
+    peak_kept_bytes: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _as_tuple(out: Any) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
+class StageExecutor:
+    """One pipeline stage: its module, optimizer, and what it keeps for in-flight micro-batches.
+
+    Every stage is called with a flat tuple of tensors (stage 0: the model's inputs bound to its
+    placeholders, see :func:`gradxform.runtime.engine.first_inputs`). ``inverse``, when given, maps the stage's output tuple to its input tuple (a reversible stage);
+    with the ``petra`` schedule such a stage keeps nothing. ``loss_fn(output, target)`` is used on the
+    last stage.
+    """
+
+    def __init__(self, index: int, stages: int, module: torch.nn.Module, schedule: str,
+                 optimizer: torch.optim.Optimizer, loss_fn: Callable | None = None,
+                 inverse: Callable | None = None):
+        self.index, self.stages = index, stages
+        self.module = module
+        self.schedule = schedule
+        self.policy = "invert" if schedule == "petra" and inverse is not None else POLICIES[schedule]
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.inverse = inverse
+        self.kept: dict[int, Kept] = {}
+        self.pending = 0  # backwards accumulated since the last update
+        self.stats = StageStats()
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.named = {k: p for k, p in module.named_parameters() if p.requires_grad}
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.stages - 1
+
+    # -- running the stage ---------------------------------------------------------------------
+    def _call(self, inputs: tuple, weights: dict | None = None) -> Any:
+        if weights is not None:
+            return functional_call(self.module, weights, inputs)
+        return self.module(*inputs)
+
+    # -- actions --------------------------------------------------------------------------------
+    def forward(self, mb: int, inputs: tuple, target: Any = None) -> Any:
+        """Forward micro-batch ``mb``; returns the boundary tuple, or on the last stage the loss."""
+        self.stats.forwards += 1
+        keep = Kept()
+        if self.policy in ("stash", "input", "snapshot"):
+            keep.rng = torch.get_rng_state()
+        if self.policy in ("graph", "snapshot") or self.last:
+            inputs = _detach_tree(inputs, grad=True)
+            weights = None
+            if self.policy == "snapshot":
+                weights = {k: p.detach().clone().requires_grad_(True) for k, p in self.named.items()}
+                keep.weights = weights
+            with torch.enable_grad():
+                out = self._call(inputs, weights)
+                if self.last:
+                    loss = self.loss_fn(out, target)
+                    self._check(loss, "loss")
+                    self.stats.losses.append(float(loss.detach()))
+                    out = loss
+            keep.inputs, keep.outputs = inputs, out
+        else:
+            with torch.no_grad():
+                out = self._call(inputs)
+            if self.policy in ("input", "stash"):
+                keep.inputs = _detach_tree(inputs, grad=False)
+            if self.policy == "stash":
+                keep.weights = {k: p.detach().clone() for k, p in self.named.items()}
+        self.kept[mb] = keep
+        self.stats.peak_kept_bytes = max(self.stats.peak_kept_bytes, self.kept_bytes())
+        if self.last:
+            return out.detach()
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
+
+    def backward(self, mb: int, grads: tuple | None, activations: tuple | None = None) -> tuple[tuple, tuple | None]:
+        """Backward micro-batch ``mb`` from the gradients of its outputs (``None`` on the last stage).
+
+        ``activations`` is the reconstructed output (petra); returns the gradients of the stage's
+        inputs and, for petra, the reconstructed inputs to send upstream.
+        """
+        self.stats.backwards += 1
+        keep = self.kept.pop(mb)
+        if self.last or self.policy in ("graph", "snapshot"):
+            out = keep.outputs
+            outs = [out] if self.last else [o for o in _as_tuple(out) if isinstance(o, torch.Tensor)]
+            gs = [None] if self.last else [g for o, g in zip(_as_tuple(out), grads) if isinstance(o, torch.Tensor)]
+            pairs = [(o, g) for o, g in zip(outs, gs) if o.requires_grad]
+            with torch.enable_grad():
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if keep.weights is not None:  # snapshot: gradients landed on the forward-time copy
+                for k, w in keep.weights.items():
+                    _add_grad(self.named[k], w.grad)
+            inputs = keep.inputs
+        else:
+            if self.policy == "invert":
+                inputs = self.inverse(*activations)
+            else:
+                inputs = keep.inputs
+            inputs = _detach_tree(inputs, grad=True)
+            weights = None
+            if self.policy == "stash":
+                weights = {k: w.requires_grad_(True) for k, w in keep.weights.items()}
+            replay = _replay(keep.rng) if keep.rng is not None else contextlib.nullcontext()
+            with torch.enable_grad(), replay, frozen_buffers(self.module):
+                out = _as_tuple(self._call(inputs, weights))
+                pairs = [(o, g) for o, g in zip(out, grads) if isinstance(o, torch.Tensor) and o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if weights is not None:
+                for k, w in weights.items():
+                    _add_grad(self.named[k], w.grad)
+        self.pending += 1
+        grads_in = tuple(x.grad if isinstance(x, torch.Tensor) and x.grad is not None
+                         else (torch.zeros_like(x) if isinstance(x, torch.Tensor) and x.is_floating_point() else None)
+                         for x in inputs)
+        recon = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs) \
+            if self.schedule == "petra" else None
+        return grads_in, recon
+
+    def update(self) -> None:
+        """One optimizer step with the mean of the gradients accumulated since the last one."""
+        if not self.pending:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                if self.pending > 1:
+                    p.grad.div_(self.pending)
+                self._check(p.grad, "gradient")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending = 0
+        self.stats.updates += 1
+
+    def kept_bytes(self) -> int:
+        return sum(k.nbytes() for k in self.kept.values())
+
+    def _check(self, t: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(t).all():
+            raise TrainingError(f"stage {self.index}: non-finite {what} "
+                                f"(after {self.stats.updates} updates); lower the learning rate or check the data")
+
+
+def _detach_tree(inputs: tuple, grad: bool) -> tuple:
+    return tuple(x.detach().requires_grad_(grad and x.is_floating_point()) if isinstance(x, torch.Tensor) else x
+                 for x in inputs)
+
+
+def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
+    if g is None:
+        return
+    p.grad = g.detach().clone() if p.grad is None else p.grad + g
+
+
+@contextlib.contextmanager
+def _replay(state: torch.Tensor):
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(state)
+        yield
