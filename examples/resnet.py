@@ -56,9 +56,11 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     def __init__(self, block, layers, num_classes: int = 10, stem: str = "cifar", in_channels: int = 3,
-                 width: int = 64):
+                 width: int = 64, image_size: int | None = None):
         super().__init__()
         self.stem_type = stem
+        self.in_channels = in_channels
+        self.image_size = image_size or (224 if stem == "imagenet" else 32)
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
@@ -108,11 +110,16 @@ def resnet50_imagenet(**kw):
     return resnet50(stem="imagenet", num_classes=1000, **kw)
 
 
+def digits_resnet(**kw):
+    """ResNet-18 for scikit-learn's 8x8 single-channel digits (width 16): quick to train on a CPU."""
+    return resnet18(in_channels=1, width=16, image_size=8, **kw)
+
+
 def build_model():
     return resnet18()
 
 
 def example_inputs(model=None):
-    imagenet = getattr(model, "stem_type", "cifar") == "imagenet"
-    size = 224 if imagenet else 32
-    return (torch.randn(8 if imagenet else 4, 3, size, size),)
+    size = getattr(model, "image_size", 32)
+    channels = getattr(model, "in_channels", 3)
+    return (torch.randn(8 if size >= 224 else 4, channels, size, size),)

@@ -171,6 +171,12 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from .runtime.launch import train_main
+
+    return train_main(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradxform", description="A model compiler for training algorithms.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -202,6 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(i)
     i.add_argument("--json", action="store_true", help="print the analysis as JSON")
     i.set_defaults(func=cmd_inspect)
+
+    t = sub.add_parser("train", help="train a compiled (staged) model with a pipeline schedule")
+    t.add_argument("target", metavar="DIR|FILE[:ATTR]", help="an artefact folder from 'compile', or a model file")
+    t.add_argument("--pass", "-p", dest="pipeline", default=None, metavar="PIPELINE",
+                   help="compile a model file first (default: split{stages=NPROC})")
+    t.add_argument("--schedule", default="petra",
+                   help="petra | stash | dsp | delayed-exact | backprop | gpipe | 1f1b (default: petra)")
+    t.add_argument("--nproc", type=int, default=1, help="processes, one stage each (1: all stages in-process)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=32, help="samples per micro-batch")
+    t.add_argument("--micro-batches", type=int, default=4, help="gpipe/1f1b: micro-batches per step")
+    t.add_argument("--accumulate", type=int, default=1, help="backwards per optimizer step (k)")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--momentum", type=float, default=0.9)
+    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--data", default="digits", help="digits | synthetic | module:function")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="runs/train", metavar="DIR", help="metrics, plot and checkpoints")
+    t.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    t.add_argument("--input-shape", action="append", metavar="NAME:[d0,...][:dtype]")
+    t.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="re-export ONNX / pictures from a compiled artefact folder")
     e.add_argument("artefact", metavar="DIR")

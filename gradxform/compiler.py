@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import PassError
+from .errors import PassError, TraceError
 from .export.artefact import Recipe
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
@@ -59,12 +59,34 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
     if traced.tracer == "export" and has_metadata(gm):
         gm.meta["gx_symbols"] = symbol_names(gm)  # export's own symbolic values, named B/T
     else:
-        propagate(gm, flat_inputs(gm, loaded.args, loaded.kwargs))
+        try:
+            propagate(gm, flat_inputs(gm, loaded.args, loaded.kwargs))
+        except Exception as e:
+            raise TraceError(f"running the model on its example inputs failed: {_first_line(e)}",
+                             where=_failing_node(e) or loaded.spec,
+                             hint="check that the example inputs (example_inputs() or --input-shape) have the "
+                                  "shapes and dtypes the model expects") from None
     timings["metadata"] = time.perf_counter() - start
     start = time.perf_counter()
     annotate(gm, analyse(gm))
     timings["analysis"] = time.perf_counter() - start
     return gm, traced.tracer, traced.notes, timings
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _failing_node(e: BaseException) -> str | None:
+    """'layer conv1' from the interpreter's note on which node raised."""
+    import re
+
+    for note in getattr(e, "__notes__", []) or []:
+        m = re.search(r"While executing %(\w+) : .*?\[target=([\w.]+)\]", note)
+        if m:
+            return f"layer {m.group(2)} (node {m.group(1)})"
+    return None
 
 
 def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool = True,

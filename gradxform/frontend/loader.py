@@ -181,7 +181,7 @@ def example_inputs_for(model: Any, module: Any | None, input_shapes: list[str] |
     if fn is None:
         raise ModelLoadError(f"no example inputs for {where}",
                              hint="define example_inputs() in the file, or pass --input-shape x:[8,3,32,32]")
-    takes_model = any(p.default is inspect.Parameter.empty
+    takes_model = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
                       for p in inspect.signature(fn).parameters.values())
     try:
         value = fn(model) if takes_model else fn()

@@ -48,3 +48,68 @@ class StagedModule(torch.nn.Module):
 
     def __len__(self) -> int:
         return len(self.stages)
+
+
+def stage_inverse(stage: fx.GraphModule) -> Any:
+    """A function from the stage's outputs to its inputs, when the stage is invertible; else None.
+
+    A stage is invertible when it only runs reversible-chain slices that take and return the
+    coupling's two-tensor state (no entry or exit merge), possibly passing other inputs (an attention
+    mask) through unchanged. Its inverse inverts the slices from last to first.
+    """
+    from .reversible import ReversibleChain
+
+    nodes = [n for n in stage.graph.nodes]
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    output = nodes[-1]
+    chains = [n for n in nodes if n.op == "call_module"]
+    if not chains or any(n.op not in ("placeholder", "call_module", "call_function", "output") for n in nodes):
+        return None
+    mods = [stage.get_submodule(n.target) for n in chains]
+    if not all(isinstance(m, ReversibleChain) and not m.enter and not m.exit for m in mods):
+        return None
+    import operator
+
+    getitems = [n for n in nodes if n.op == "call_function"]
+    if not all(n.target is operator.getitem and n.args[0] in chains for n in getitems):
+        return None
+    # Each output must be a placeholder passed through or a stream of the last chain.
+    outs = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    state_in = list(chains[0].args[:2])
+    sides = list(chains[0].args[2:])
+    if not all(a in inputs for a in state_in + sides):
+        return None
+    for prev, nxt in zip(chains, chains[1:]):
+        if [a.args[0] for a in nxt.args[:2]] != [prev, prev] or list(nxt.args[2:]) != sides:
+            return None
+    last = chains[-1]
+    stream_of = {n: n.args[1] for n in getitems if n.args[0] is last}
+    layout = []  # per output: ('stream', k) or ('input', index)
+    for o in outs:
+        if o in stream_of:
+            layout.append(("stream", stream_of[o]))
+        elif o in inputs:
+            layout.append(("input", inputs.index(o)))
+        else:
+            return None
+    if sorted(k for kind, k in layout if kind == "stream") != [0, 1]:
+        return None
+    side_pos = {inputs.index(s): s for s in sides}
+
+    def inverse(*values: Any) -> tuple:
+        state = [None, None]
+        known: dict[int, Any] = {}
+        for (kind, k), v in zip(layout, values):
+            if kind == "stream":
+                state[k] = v
+            else:
+                known[k] = v
+        side = tuple(known[i] for i in sorted(side_pos))
+        for mod in reversed(mods):
+            state = list(mod.inverse(*state, *side))
+        result = []
+        for i, p in enumerate(inputs):
+            result.append(state[state_in.index(p)] if p in state_in else known.get(i))
+        return tuple(result)
+
+    return inverse

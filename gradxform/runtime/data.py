@@ -26,3 +26,52 @@ def digits(test_fraction: float = 0.2, seed: int = 0, flat: bool = False) -> tup
     shape = (-1, 64) if flat else (-1, 1, 8, 8)
     return (TensorDataset(x_train.reshape(shape), y[idx_train]),
             TensorDataset(x_test.reshape(shape), y[idx_test]))
+
+
+def synthetic(input_shape: tuple[int, ...], classes: int, samples: int = 2048, seed: int = 0,
+              dtype: torch.dtype = torch.float32) -> tuple[TensorDataset, TensorDataset]:
+    """A learnable synthetic classification task shaped like the model's input.
+
+    Labels come from a fixed random linear teacher on the flattened input, so a model can fit them;
+    20% of the samples are held out.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, *input_shape, generator=gen, dtype=dtype)
+    teacher = torch.randn(x[0].numel(), classes, generator=gen, dtype=dtype)
+    y = (x.flatten(1) @ teacher).argmax(1)
+    cut = int(samples * 0.8)
+    return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
+
+
+def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int = 0) -> tuple:
+    """``digits``, ``synthetic``, or ``module:function`` returning (train, test) datasets of (x, y)."""
+    from ..errors import GradxformError
+
+    if spec == "digits":
+        flat = len(input_shape) == 1
+        train, test = digits(seed=seed, flat=flat)
+        have = tuple(train.tensors[0].shape[1:])
+        if have != tuple(input_shape):
+            raise GradxformError(f"the model takes inputs of shape {tuple(input_shape)} but digits are {have}",
+                                 hint="use a model for 8x8 single-channel images (e.g. examples/resnet.py:"
+                                      "digits_resnet or examples/mlp.py), or --data synthetic")
+        if classes != 10:
+            raise GradxformError(f"the model has {classes} outputs but digits has 10 classes")
+        return train, test
+    if spec == "synthetic":
+        return synthetic(tuple(input_shape), classes, seed=seed)
+    module_name, sep, fn_name = spec.partition(":")
+    if not sep:
+        raise GradxformError(f"unknown --data '{spec}'", hint="use digits, synthetic, or module:function")
+    import importlib
+
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise GradxformError(f"--data {spec}: {e}", hint="module:function must be importable "
+                             "(run from its folder or put it on PYTHONPATH)") from None
+    out = fn()
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise GradxformError(f"--data {spec} returned {type(out).__name__}",
+                             hint="return (train_dataset, test_dataset), each yielding (input, label)")
+    return tuple(out)

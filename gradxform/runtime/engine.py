@@ -26,6 +26,8 @@ class Transport(Protocol):
 
     def end_tick(self) -> None: ...
 
+    def flush(self) -> None: ...
+
 
 class InProcess:
     """All stages in one process: a mailbox keyed by (destination, kind, micro-batch)."""
@@ -43,6 +45,9 @@ class InProcess:
         return self.mailbox.pop((dst, kind, mb))
 
     def end_tick(self) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -83,6 +88,7 @@ def run_schedule(schedule: Schedule, executors: dict[int, StageExecutor], transp
         transport.end_tick()
         if on_tick is not None:
             on_tick(t)
+    transport.flush()
 
 
 def evaluate(executors: dict[int, StageExecutor], transport: Transport, stages: int,
@@ -107,6 +113,7 @@ def evaluate(executors: dict[int, StageExecutor], transport: Transport, stages: 
                         correct += float((logits.argmax(-1) == y).sum())
                         total += float(y.numel())
                 transport.end_tick()
+        transport.flush()
     finally:
         for ex in executors.values():
             ex.module.train()

@@ -1,0 +1,150 @@
+"""One stage per rank over ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPUs).
+
+Messages are tuples of tensors of shapes the receiver does not know in advance (the last micro-batch
+may be smaller; a stage may pass ``None``), so each message is a fixed-size header -- count, then per
+tensor a dtype code, rank and sizes -- followed by the tensors. Plain ``isend``/``recv`` pairs are
+used (not batched): gloo is known to hang on batched point-to-point. Every wait is bounded by the
+process group's timeout, so a dead neighbour stops the others instead of hanging them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..errors import GradxformError
+
+HEADER = 64
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool,
+          torch.uint8, torch.int8, torch.int16]
+TIMEOUT_S = int(os.environ.get("GRADXFORM_TIMEOUT", "60"))
+
+
+class PointToPoint:
+    """The transport for rank ``rank`` hosting stage ``rank``."""
+
+    def __init__(self, rank: int, world: int, device: torch.device):
+        self.rank, self.world, self.device = rank, world, device
+        self.stages = [rank]
+        self.pending: list[Any] = []    # sends posted in this tick
+        self.previous: list[Any] = []   # sends posted in the tick before
+        self.sent_bytes = 0
+
+    def send(self, src: int, dst: int, kind: str, mb: int, tensors: tuple) -> None:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[0] = len(tensors)
+        pos = 1
+        for t in tensors:
+            if t is None:
+                header[pos] = -1
+                pos += 1
+                continue
+            header[pos], header[pos + 1] = DTYPES.index(t.dtype), t.dim()
+            header[pos + 2: pos + 2 + t.dim()] = torch.tensor(t.shape)
+            pos += 2 + t.dim()
+        if pos > HEADER:
+            raise GradxformError(f"a stage boundary carries too many tensors/dimensions for one header ({pos})")
+        self.pending.append(dist.isend(header.to(self.device), dst))
+        for t in tensors:
+            if t is not None:
+                t = t.detach().contiguous().to(self.device)
+                self.pending.append((dist.isend(t, dst), t))  # keep the buffer alive until sent
+                self.sent_bytes += t.numel() * t.element_size()
+
+    def recv(self, src: int, dst: int, kind: str, mb: int) -> tuple:
+        header = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
+        dist.recv(header, src)
+        header = header.cpu()
+        out, pos = [], 1
+        for _ in range(int(header[0])):
+            code = int(header[pos])
+            if code == -1:
+                out.append(None)
+                pos += 1
+                continue
+            ndim = int(header[pos + 1])
+            shape = [int(s) for s in header[pos + 2: pos + 2 + ndim]]
+            pos += 2 + ndim
+            t = torch.empty(shape, dtype=DTYPES[code], device=self.device)
+            dist.recv(t, src)
+            out.append(t)
+        return tuple(out)
+
+    def end_tick(self) -> None:
+        # A send completes when the neighbour posts its receive, which it does in the next tick:
+        # waiting on this tick's sends would deadlock, so wait on the previous tick's.
+        _wait(self.previous)
+        self.previous, self.pending = self.pending, []
+
+    def flush(self) -> None:
+        _wait(self.previous + self.pending)
+        self.previous, self.pending = [], []
+
+    def gather_record(self, record: dict) -> dict:
+        """Every rank gets the last stage's loss and accuracy (all_reduce of the last rank's values)."""
+        last = self.world - 1
+        vals = torch.tensor([record["train_loss"] or 0.0, record["test_accuracy"] or 0.0], dtype=torch.float64)
+        if self.rank != last:
+            vals.zero_()
+        dist.all_reduce(vals)
+        record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]))
+        for key in ("updates", "peak_kept_bytes"):
+            mine = torch.zeros(self.world, dtype=torch.float64)
+            mine[self.rank] = float(record[key][self.rank])
+            dist.all_reduce(mine)
+            record[key] = {j: int(v) for j, v in enumerate(mine.tolist())}
+        return record
+
+
+def _wait(works: list[Any]) -> None:
+    for work in works:
+        (work[0] if isinstance(work, tuple) else work).wait()
+
+
+def run_rank(a: argparse.Namespace, cfg: Any) -> int:
+    """Body of one torchrun worker: join the group, load the model, train this rank's stage."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record
+    def main() -> int:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        use_cuda = torch.cuda.is_available()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        try:
+            from .launch import load_staged, prepare_data, stage_inverses
+            from .train import Trainer
+
+            staged, args, kwargs = load_staged(a, world)
+            if len(staged.stages) != world:
+                raise GradxformError(
+                    f"the model has {len(staged.stages)} stage(s) but {world} ranks were started",
+                    hint=f"compile with split{{stages={world}}} (or petra{{stages={world}}}), or use "
+                         f"--nproc {len(staged.stages)}")
+            staged.to(device)
+            train, test, _ = prepare_data(staged, args, kwargs, cfg)
+            transport = PointToPoint(rank, world, device)
+            trainer = Trainer(staged, cfg, transport, inverses=stage_inverses(staged))
+            history = trainer.fit(train, test, log=print if rank == 0 else (lambda s: None))
+            if rank == 0:
+                final = history[-1]
+                print(f"final test accuracy: {final['test_accuracy']:.2%} after {final['epoch']} epochs "
+                      f"({cfg.schedule}, {world} ranks, {final['wall_time']:.1f}s)", flush=True)
+            dist.barrier()
+            return 0
+        except GradxformError as e:
+            print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    return main()

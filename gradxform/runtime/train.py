@@ -1,0 +1,237 @@
+"""Training a staged model with a pipeline schedule: data, epochs, evaluation, metrics, checkpoints.
+
+Each epoch is one schedule over all of its micro-batches (asynchronous schedules run without a flush
+inside the epoch) or a sequence of steps of ``micro_batches`` (GPipe, 1F1B); the pipeline is drained
+at the end of every epoch, so evaluation and checkpoints see no in-flight micro-batch. A checkpoint
+holds, per stage, the weights, the optimizer state and the RNG state; resuming continues with the
+same data order, so an in-process run resumes to exactly the result of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import GradxformError
+from .engine import InProcess, Transport, classification_loss, evaluate, first_inputs, run_schedule
+from .executor import StageExecutor
+from .schedules import ASYNC, SCHEDULES, build
+
+
+@dataclass
+class TrainConfig:
+    schedule: str = "petra"
+    epochs: int = 5
+    batch_size: int = 32          # samples per micro-batch
+    micro_batches: int = 4        # gpipe / 1f1b: micro-batches per optimizer step
+    accumulate: int = 1           # asynchronous schedules and backprop: backwards per optimizer step
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    data: str = "digits"
+    seed: int = 0
+    out: str = "runs/train"
+    checkpoint_every: int = 1     # epochs between checkpoints (the last epoch is always saved)
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.schedule not in SCHEDULES:
+            from ..errors import did_you_mean
+
+            raise GradxformError(f"unknown schedule '{self.schedule}'", hint=did_you_mean(self.schedule, SCHEDULES))
+        for name in ("epochs", "batch_size", "micro_batches", "accumulate"):
+            if getattr(self, name) < 1:
+                raise GradxformError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise GradxformError(f"unknown optimizer '{self.optimizer}'", hint="use sgd or adamw")
+        if not self.lr > 0:
+            raise GradxformError("--lr must be positive")
+
+
+def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (Nesterov momentum) or AdamW; no weight decay on biases and normalisation weights."""
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]] or [{"params": [], "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def micro_batches(dataset: Any, size: int, seed: int, epoch: int, shuffle: bool = True,
+                  drop_last: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's micro-batches; the order depends only on (seed, epoch), identical on every rank."""
+    x, y = dataset.tensors if hasattr(dataset, "tensors") else _stack(dataset)
+    n = len(y)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle \
+        else torch.arange(n)
+    stop = n - n % size if drop_last else n
+    return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, stop, size)]
+
+
+def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
+    return torch.stack(xs), torch.as_tensor(ys)
+
+
+class Trainer:
+    """Trains the stages this process hosts; all stages with the in-process transport."""
+
+    def __init__(self, staged: Any, cfg: TrainConfig, transport: Transport | None = None,
+                 inverses: dict[int, Callable] | None = None):
+        cfg.validate()
+        self.staged, self.cfg = staged, cfg
+        self.n = len(staged.stages)
+        self.transport = transport or InProcess(self.n)
+        self.out = Path(cfg.out)
+        inverses = inverses or {}
+        self.executors = {
+            j: StageExecutor(j, self.n, staged.stages[j], cfg.schedule, make_optimizer(staged.stages[j], cfg),
+                             classification_loss, inverses.get(j))
+            for j in self.transport.stages}
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.rank0 = 0 in self.transport.stages
+        self.last_host = self.n - 1 in self.transport.stages
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _ckpt(self, j: int) -> Path:
+        return self.out / "checkpoints" / f"stage{j}.pt"
+
+    def save(self) -> None:
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for j, ex in self.executors.items():
+            state = {"epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
+                     "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}
+            tmp = self._ckpt(j).with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self._ckpt(j))  # atomic: a crash leaves the previous checkpoint whole
+
+    def load(self) -> bool:
+        paths = {j: self._ckpt(j) for j in self.executors}
+        if not all(p.exists() for p in paths.values()):
+            return False
+        for j, path in paths.items():
+            state = torch.load(path, weights_only=True)
+            ex = self.executors[j]
+            ex.module.load_state_dict(state["module"])
+            ex.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            self.epoch, self.history = state["epoch"], state["history"]
+        return True
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, train: Any, test: Any, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        if cfg.resume and self.load():
+            log(f"resumed from {self.out / 'checkpoints'} after epoch {self.epoch}")
+        torch.manual_seed(cfg.seed + self.epoch)
+        test_batches = micro_batches(test, cfg.batch_size, cfg.seed, 0, shuffle=False, drop_last=False)
+        test_feed = [(first_inputs(self.staged, (x,), {}), y) for x, y in test_batches]
+        started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
+        while self.epoch < cfg.epochs:
+            batches = micro_batches(train, cfg.batch_size, cfg.seed, self.epoch)
+            if not batches:
+                raise GradxformError(f"the training set has fewer samples than --batch-size {cfg.batch_size}")
+            feed = lambda mb: first_inputs(self.staged, (batches[mb][0],), {})  # noqa: E731
+            target = lambda mb: batches[mb][1]  # noqa: E731
+            schedules = self._schedules(len(batches))
+            ticks = sum(len(s.ticks) for s, _ in schedules)
+            bar = _progress(ticks, f"epoch {self.epoch + 1}/{cfg.epochs}", self.rank0 and cfg.progress)
+            for sched, offset in schedules:
+                run_schedule(sched, self.executors, self.transport,
+                             lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
+                             on_tick=lambda t: bar.update(1))
+            bar.close()
+            correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
+            losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
+            self.epoch += 1
+            record = {"epoch": self.epoch, "schedule": cfg.schedule,
+                      "train_loss": sum(losses) / len(losses) if losses else None,
+                      "test_accuracy": correct / total if total else None,
+                      "wall_time": time.perf_counter() - started,
+                      "updates": {j: ex.stats.updates for j, ex in self.executors.items()},
+                      "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()}}
+            record = self._gather(record)
+            self.history.append(record)
+            if self.rank0:
+                log(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, test accuracy "
+                    f"{record['test_accuracy']:.2%} ({record['wall_time']:.1f}s)")
+                self._write_metrics(record)
+            if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
+                self.save()
+        if self.rank0:
+            plot(self.history, self.out / "training.png")
+        return self.history
+
+    def _schedules(self, count: int) -> list[tuple[Any, int]]:
+        cfg = self.cfg
+        if cfg.schedule in ASYNC or cfg.schedule == "backprop":
+            return [(build(cfg.schedule, self.n, count, cfg.accumulate), 0)]
+        steps = []
+        for start in range(0, count, cfg.micro_batches):
+            steps.append((build(cfg.schedule, self.n, min(cfg.micro_batches, count - start)), start))
+        return steps
+
+    def _gather(self, record: dict) -> dict:
+        """Share the last stage's loss and accuracy with every rank (a no-op in one process)."""
+        gather = getattr(self.transport, "gather_record", None)
+        return gather(record) if gather is not None else record
+
+    def _write_metrics(self, record: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, desc: str, show: bool) -> Any:
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tick", leave=False, dynamic_ncols=True)
+
+
+def plot(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and test accuracy per epoch (and against wall time) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    a.set_xlabel("epoch")
+    a.set_ylabel("train loss")
+    a.set_yscale("log")
+    b.plot([h["wall_time"] for h in history], [100 * (h["test_accuracy"] or math.nan) for h in history], marker="o")
+    b.set_xlabel("wall time (s)")
+    b.set_ylabel("test accuracy (%)")
+    fig.suptitle(f"gradxform train · {history[-1]['schedule']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
