@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: decay the learning rate to 0 over the epochs")
     t.add_argument("--data", default="digits", help="digits | synthetic | module:function")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/train", metavar="DIR", help="metrics, plot and checkpoints")

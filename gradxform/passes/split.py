@@ -48,6 +48,10 @@ class Split(Pass):
         if getattr(gm, "stages", None) is not None:
             raise PipelineError("the model is already split", hint="use one 'split' per pipeline")
         opts = self.options
+        if unfold_chains(gm):
+            from ..ir.meta import propagate
+
+            propagate(gm)
         an = analyse(gm)
         order = an.order
         costs = node_costs(gm)
@@ -134,6 +138,44 @@ class Split(Pass):
         if cuts != sorted(set(cuts)):
             raise PipelineError(f"split{{at={','.join(at)}}}: cut points must be distinct and in model order")
         return cuts
+
+
+def unfold_chains(gm: Any) -> bool:
+    """Replace every multi-block ReversibleChain node by one-block slices passing the two-stream state.
+
+    The pipeline may then cut between any two blocks of a chain; a stage made only of such slices is
+    invertible (``gradxform.nn.staged.stage_inverse``), which is what PETRA needs.
+    """
+    import operator
+
+    from ..nn.reversible import ReversibleChain
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        chain = gm.get_submodule(node.target)
+        if not isinstance(chain, ReversibleChain) or len(chain.blocks) < 2:
+            continue
+        k = len(chain.blocks)
+        state_in = list(node.args[:1] if chain.enter else node.args[:2])
+        sides = list(node.args[len(state_in):])
+        prev = None
+        with gm.graph.inserting_before(node):
+            for i in range(k):
+                name = f"{node.target}_b{i}"
+                gm.add_submodule(name, chain.slice(i, i + 1, enter=chain.enter and i == 0,
+                                                   exit=chain.exit and i == k - 1))
+                inputs = state_in if prev is None else [gm.graph.call_function(operator.getitem, (prev, s))
+                                                        for s in (0, 1)]
+                prev = gm.graph.call_module(name, (*inputs, *sides))
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        gm.delete_submodule(node.target)
+        changed = True
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def _useful_cuts(weights: list[float], cuts: list[int]) -> int:

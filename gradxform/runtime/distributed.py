@@ -93,7 +93,11 @@ class PointToPoint:
         if self.rank != last:
             vals.zero_()
         dist.all_reduce(vals)
-        record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]))
+        steps = torch.tensor(record["step_losses"], dtype=torch.float64)
+        if self.rank != last:
+            steps.zero_()
+        dist.all_reduce(steps)
+        record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]), step_losses=steps.tolist())
         for key in ("updates", "peak_kept_bytes"):
             mine = torch.zeros(self.world, dtype=torch.float64)
             mine[self.rank] = float(record[key][self.rank])

@@ -85,6 +85,8 @@ def run_schedule(schedule: Schedule, executors: dict[int, StageExecutor], transp
                         transport.send(j, j - 1, "b", mb, g_in + (recon if recon is not None else ()))
                 else:
                     ex.update()
+        for j in transport.stages:
+            executors[j].end_tick()
         transport.end_tick()
         if on_tick is not None:
             on_tick(t)

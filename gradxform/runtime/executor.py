@@ -46,6 +46,7 @@ class Kept:
     outputs: Any = None
     weights: dict[str, torch.Tensor] | None = None
     rng: torch.Tensor | None = None
+    graph_bytes: int = 0  # bytes the autograd graph saved for backward (exact, from saved_tensors_hooks)
 
     def nbytes(self) -> int:
         tensors = [t for t in pytree.tree_leaves((self.inputs, self.outputs, self.weights, self.rng))
@@ -56,7 +57,7 @@ class Kept:
             if key not in seen:
                 seen.add(key)
                 total += t.numel() * t.element_size()
-        return total
+        return total + self.graph_bytes
 
 
 @dataclass
@@ -120,7 +121,7 @@ class StageExecutor:
             if self.policy == "snapshot":
                 weights = {k: p.detach().clone().requires_grad_(True) for k, p in self.named.items()}
                 keep.weights = weights
-            with torch.enable_grad():
+            with torch.enable_grad(), _counting(keep):
                 out = self._call(inputs, weights)
                 if self.last:
                     loss = self.loss_fn(out, target)
@@ -136,7 +137,6 @@ class StageExecutor:
             if self.policy == "stash":
                 keep.weights = {k: p.detach().clone() for k, p in self.named.items()}
         self.kept[mb] = keep
-        self.stats.peak_kept_bytes = max(self.stats.peak_kept_bytes, self.kept_bytes())
         if self.last:
             return out.detach()
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
@@ -202,6 +202,10 @@ class StageExecutor:
     def kept_bytes(self) -> int:
         return sum(k.nbytes() for k in self.kept.values())
 
+    def end_tick(self) -> None:
+        """Record what the stage holds from this tick to the next (the schedule's memory cost)."""
+        self.stats.peak_kept_bytes = max(self.stats.peak_kept_bytes, self.kept_bytes())
+
     def _check(self, t: torch.Tensor, what: str) -> None:
         if not torch.isfinite(t).all():
             raise TrainingError(f"stage {self.index}: non-finite {what} "
@@ -217,6 +221,18 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
     if g is None:
         return
     p.grad = g.detach().clone() if p.grad is None else p.grad + g
+
+
+@contextlib.contextmanager
+def _counting(keep: Kept):
+    """Count the bytes autograd saves for backward into ``keep.graph_bytes``."""
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):  # weights are not per-micro-batch memory
+            keep.graph_bytes += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
 
 
 @contextlib.contextmanager

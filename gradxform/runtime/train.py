@@ -36,6 +36,7 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"   # cosine: lr x (1 + cos(pi e / E)) / 2 at the start of epoch e; constant
     data: str = "digits"
     seed: int = 0
     out: str = "runs/train"
@@ -55,6 +56,8 @@ class TrainConfig:
             raise GradxformError(f"unknown optimizer '{self.optimizer}'", hint="use sgd or adamw")
         if not self.lr > 0:
             raise GradxformError("--lr must be positive")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise GradxformError(f"unknown --lr-schedule '{self.lr_schedule}'", hint="use cosine or constant")
 
 
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -142,6 +145,7 @@ class Trainer:
         test_feed = [(first_inputs(self.staged, (x,), {}), y) for x, y in test_batches]
         started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         while self.epoch < cfg.epochs:
+            self._set_lr()
             batches = micro_batches(train, cfg.batch_size, cfg.seed, self.epoch)
             if not batches:
                 raise GradxformError(f"the training set has fewer samples than --batch-size {cfg.batch_size}")
@@ -150,16 +154,23 @@ class Trainer:
             schedules = self._schedules(len(batches))
             ticks = sum(len(s.ticks) for s, _ in schedules)
             bar = _progress(ticks, f"epoch {self.epoch + 1}/{cfg.epochs}", self.rank0 and cfg.progress)
+            kill = _kill_switch(self.transport.stages, self.epoch)
+
+            def on_tick(t: int) -> None:
+                bar.update(1)
+                kill(t)
+
             for sched, offset in schedules:
                 run_schedule(sched, self.executors, self.transport,
                              lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
-                             on_tick=lambda t: bar.update(1))
+                             on_tick=on_tick)
             bar.close()
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
             self.epoch += 1
             record = {"epoch": self.epoch, "schedule": cfg.schedule,
                       "train_loss": sum(losses) / len(losses) if losses else None,
+                      "step_losses": losses if losses else [0.0] * len(batches),
                       "test_accuracy": correct / total if total else None,
                       "wall_time": time.perf_counter() - started,
                       "updates": {j: ex.stats.updates for j, ex in self.executors.items()},
@@ -175,6 +186,13 @@ class Trainer:
         if self.rank0:
             plot(self.history, self.out / "training.png")
         return self.history
+
+    def _set_lr(self) -> None:
+        cfg = self.cfg
+        factor = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * self.epoch / cfg.epochs))
+        for ex in self.executors.values():
+            for group in ex.optimizer.param_groups:
+                group["lr"] = cfg.lr * factor
 
     def _schedules(self, count: int) -> list[tuple[Any, int]]:
         cfg = self.cfg
@@ -194,6 +212,25 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _kill_switch(stages: list[int], epoch: int) -> Callable[[int], None]:
+    """Fault injection for tests: GRADXFORM_KILL_AT=stage:epoch:tick sends SIGKILL to that stage's
+    process at that tick (epochs counted from 0), as a crashed machine would."""
+    spec = os.environ.get("GRADXFORM_KILL_AT")
+    if not spec:
+        return lambda t: None
+    stage, at_epoch, at_tick = (int(x) for x in spec.split(":"))
+    if stage not in stages or at_epoch != epoch or len(stages) != 1:
+        return lambda t: None
+
+    def kill(t: int) -> None:
+        if t == at_tick:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
 
 
 class _NoBar:

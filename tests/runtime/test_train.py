@@ -1,0 +1,135 @@
+"""Training end to end: accuracy on digits, resume, transports, faults, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from gradxform.errors import GradxformError
+from gradxform.runtime.train import TrainConfig, Trainer
+
+from ..conftest import EXAMPLES, run_cli
+
+DIGITS = f"{EXAMPLES / 'resnet.py'}:digits_resnet"
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _staged(pipeline: str, seed: int = 0):
+    from gradxform.compiler import compile
+
+    torch.manual_seed(seed)
+    return compile(DIGITS, pipeline, check=False).module
+
+
+@pytest.mark.slow
+def test_digits_backprop_and_petra(tmp_path):
+    from gradxform.runtime.data import digits
+    from gradxform.runtime.launch import stage_inverses
+
+    train, test = digits()
+    acc = {}
+    for schedule in ("backprop", "petra"):
+        staged = _staged("petra{stages=4}")
+        cfg = TrainConfig(schedule=schedule, epochs=6, out=str(tmp_path / schedule), progress=False)
+        history = Trainer(staged, cfg, inverses=stage_inverses(staged)).fit(train, test, log=lambda s: None)
+        acc[schedule] = history[-1]["test_accuracy"]
+    assert acc["backprop"] >= 0.95
+    assert acc["petra"] >= acc["backprop"] - 0.02, acc
+
+
+def test_resume_continues_to_the_same_result(tmp_path):
+    from gradxform.runtime.data import digits
+
+    train, test = digits()
+    full = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=2, out=str(tmp_path / "a"), progress=False))
+    full.fit(train, test, log=lambda s: None)
+    half = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=1, out=str(tmp_path / "b"), progress=False))
+    half.fit(train, test, log=lambda s: None)
+    rest = Trainer(_staged("split{stages=2}", seed=123),  # other initial weights: the checkpoint must win
+                   TrainConfig(epochs=2, out=str(tmp_path / "b"), resume=True, progress=False))
+    rest.fit(train, test, log=lambda s: None)
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [m["step_losses"] for m in a] == [m["step_losses"] for m in b]
+    assert a[-1]["test_accuracy"] == b[-1]["test_accuracy"]
+    for (k, x), (_, y) in zip(full.staged.state_dict().items(), rest.staged.state_dict().items()):
+        assert torch.equal(x, y), k
+    assert (tmp_path / "b" / "checkpoints" / "stage1.pt").exists()
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
+
+
+def test_config_errors():
+    with pytest.raises(GradxformError, match="did you mean 'petra'"):
+        TrainConfig(schedule="petr").validate()
+    with pytest.raises(GradxformError, match="--batch-size must be at least 1"):
+        TrainConfig(batch_size=0).validate()
+
+
+@pytest.mark.slow
+def test_cli_train_in_process(tmp_path):
+    r = run_cli("train", DIGITS, "--pass", "split{stages=2}", "--schedule", "1f1b", "--epochs", "1",
+                "--out", str(tmp_path), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "final test accuracy" in r.stdout
+    assert (tmp_path / "training.png").exists() and len(metrics(tmp_path)) == 1
+
+
+def test_cli_train_data_mismatch(cli, tmp_path):
+    code, _, err = cli("train", str(EXAMPLES / "resnet.py"), "--epochs", "1", "--out", str(tmp_path))
+    assert code == 2 and "takes inputs of shape (3, 32, 32) but digits are (1, 8, 8)" in err
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_in_process_and_two_ranks_give_the_same_losses(tmp_path):
+    args = ["train", DIGITS, "--pass", "split{stages=2}", "--schedule", "petra", "--epochs", "1",
+            "--data", "synthetic", "--batch-size", "64", "--no-progress"]
+    env_one_thread = dict(os.environ, OMP_NUM_THREADS="1")
+    import subprocess
+    import sys
+
+    single = subprocess.run([sys.executable, "-m", "gradxform", *args, "--out", str(tmp_path / "one")],
+                            env=env_one_thread, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    double = run_cli(*args, "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert double.returncode == 0, double.stderr
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert len(one["step_losses"]) >= 20
+    # same thread count per stage: bit-identical (with more threads in-process, float rounding differs)
+    assert one["step_losses"][:20] == two["step_losses"][:20]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
+    args = ["train", DIGITS, "--pass", "split{stages=2}", "--schedule", "petra", "--epochs", "3",
+            "--nproc", "2", "--no-progress", "--out", str(tmp_path)]
+    env = dict(os.environ, GRADXFORM_KILL_AT="1:1:5")  # rank 1 is killed (SIGKILL) at tick 5 of epoch 2
+    import subprocess
+    import sys
+
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "gradxform", *args], env=env, capture_output=True, text=True,
+                       timeout=300)
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0
+    assert elapsed < 90
+    assert "rank" in r.stderr and "a rank failed" in r.stderr
+    assert len(metrics(tmp_path)) == 1  # epoch 1 finished and was checkpointed
+    again = run_cli(*args, "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in again.stdout and [m["epoch"] for m in metrics(tmp_path)] == [1, 2, 3]
+
+
+@pytest.mark.multiprocess
+def test_more_ranks_than_stages_is_a_clear_error(tmp_path):
+    r = run_cli("train", DIGITS, "--pass", "split{stages=3}", "--nproc", "2", "--epochs", "1",
+                "--no-progress", "--out", str(tmp_path))
+    assert r.returncode != 0
+    assert "the model has 3 stage(s) but 2 ranks were started" in r.stdout + r.stderr
