@@ -160,7 +160,13 @@ class Trainer:
                 bar.update(1)
                 kill(t)
 
+            torch_pipeline = self._torch_pipeline()
             for sched, offset in schedules:
+                if torch_pipeline is not None:  # gpipe / 1f1b across ranks: PyTorch's own engine
+                    idx = range(offset, offset + sched.micro_batches)
+                    torch_pipeline.step([feed(i) for i in idx], [target(i) for i in idx])
+                    bar.update(len(sched.ticks))
+                    continue
                 run_schedule(sched, self.executors, self.transport,
                              lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
                              on_tick=on_tick)
@@ -187,6 +193,18 @@ class Trainer:
             plot(self.history, self.out / "training.png")
         return self.history
 
+    def _torch_pipeline(self) -> Any:
+        """gpipe/1f1b across processes run through torch.distributed.pipelining (built once)."""
+        if self.cfg.schedule not in ("gpipe", "1f1b") or len(self.transport.stages) == self.n:
+            return None
+        if getattr(self, "_pipeline", None) is None:
+            from .pipelining import TorchPipeline
+
+            (j,) = self.transport.stages
+            self._pipeline = TorchPipeline(self.executors[j], self.cfg.schedule, j, self.n,
+                                           self.transport.device, classification_loss)
+        return self._pipeline
+
     def _set_lr(self) -> None:
         cfg = self.cfg
         factor = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * self.epoch / cfg.epochs))
@@ -198,9 +216,13 @@ class Trainer:
         cfg = self.cfg
         if cfg.schedule in ASYNC or cfg.schedule == "backprop":
             return [(build(cfg.schedule, self.n, count, cfg.accumulate), 0)]
-        steps = []
-        for start in range(0, count, cfg.micro_batches):
-            steps.append((build(cfg.schedule, self.n, min(cfg.micro_batches, count - start)), start))
+        sizes = [min(cfg.micro_batches, count - s) for s in range(0, count, cfg.micro_batches)]
+        if len(sizes) > 1 and sizes[-1] < self.n:  # too short to fill the pipeline: join the step before
+            sizes[-2] += sizes.pop()
+        steps, start = [], 0
+        for size in sizes:
+            steps.append((build(cfg.schedule, self.n, size), start))
+            start += size
         return steps
 
     def _gather(self, record: dict) -> dict:

@@ -87,8 +87,10 @@ def test_cli_train_data_mismatch(cli, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_in_process_and_two_ranks_give_the_same_losses(tmp_path):
-    args = ["train", DIGITS, "--pass", "split{stages=2}", "--schedule", "petra", "--epochs", "1",
+@pytest.mark.parametrize("schedule", ["petra", "1f1b"])
+def test_in_process_and_two_ranks_give_the_same_losses(tmp_path, schedule):
+    """petra: gradxform's point-to-point engine; 1f1b across ranks: torch.distributed.pipelining."""
+    args = ["train", DIGITS, "--pass", "split{stages=2}", "--schedule", schedule, "--epochs", "1",
             "--data", "synthetic", "--batch-size", "64", "--no-progress"]
     env_one_thread = dict(os.environ, OMP_NUM_THREADS="1")
     import subprocess
@@ -103,6 +105,7 @@ def test_in_process_and_two_ranks_give_the_same_losses(tmp_path):
     assert len(one["step_losses"]) >= 20
     # same thread count per stage: bit-identical (with more threads in-process, float rounding differs)
     assert one["step_losses"][:20] == two["step_losses"][:20]
+    assert one["test_accuracy"] == two["test_accuracy"]  # BatchNorm statistics agree too
 
 
 @pytest.mark.slow
