@@ -110,9 +110,13 @@ def resnet50_imagenet(**kw):
     return resnet50(stem="imagenet", num_classes=1000, **kw)
 
 
-def digits_resnet(**kw):
-    """ResNet-18 for scikit-learn's 8x8 single-channel digits (width 16): quick to train on a CPU."""
-    return resnet18(in_channels=1, width=16, image_size=8, **kw)
+def digits_resnet(depth: int = 18, **kw):
+    """ResNet-18 (or -34) for scikit-learn's 8x8 single-channel digits, width 16: quick on a CPU."""
+    return {18: resnet18, 34: resnet34}[depth](in_channels=1, width=16, image_size=8, **kw)
+
+
+def digits_resnet34(**kw):
+    return digits_resnet(34, **kw)
 
 
 def build_model():

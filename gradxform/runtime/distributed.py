@@ -98,11 +98,14 @@ class PointToPoint:
             steps.zero_()
         dist.all_reduce(steps)
         record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]), step_losses=steps.tolist())
-        for key in ("updates", "peak_kept_bytes"):
+        for key, kind in (("updates", int), ("peak_kept_bytes", int), ("busy_seconds", float)):
             mine = torch.zeros(self.world, dtype=torch.float64)
             mine[self.rank] = float(record[key][self.rank])
             dist.all_reduce(mine)
-            record[key] = {j: int(v) for j, v in enumerate(mine.tolist())}
+            record[key] = {j: kind(v) for j, v in enumerate(mine.tolist())}
+        slowest = torch.tensor([record["train_seconds"]], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        record["train_seconds"] = float(slowest)
         return record
 
 

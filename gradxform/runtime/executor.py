@@ -21,6 +21,7 @@ the forward's RNG state replayed (dropout draws the same mask).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -66,6 +67,7 @@ class StageStats:
     backwards: int = 0
     updates: int = 0
     peak_kept_bytes: int = 0
+    busy_seconds: float = 0.0   # time spent in forward, backward and update
     losses: list[float] = field(default_factory=list)
 
 
@@ -111,6 +113,24 @@ class StageExecutor:
     # -- actions --------------------------------------------------------------------------------
     def forward(self, mb: int, inputs: tuple, target: Any = None) -> Any:
         """Forward micro-batch ``mb``; returns the boundary tuple, or on the last stage the loss."""
+        with _timed(self.stats):
+            return self._forward(mb, inputs, target)
+
+    def backward(self, mb: int, grads: tuple | None, activations: tuple | None = None) -> tuple[tuple, tuple | None]:
+        """Backward micro-batch ``mb`` from the gradients of its outputs (``None`` on the last stage).
+
+        ``activations`` is the reconstructed output (petra); returns the gradients of the stage's
+        inputs and, for petra, the reconstructed inputs to send upstream.
+        """
+        with _timed(self.stats):
+            return self._backward(mb, grads, activations)
+
+    def update(self) -> None:
+        """One optimizer step with the mean of the gradients accumulated since the last one."""
+        with _timed(self.stats):
+            self._update()
+
+    def _forward(self, mb: int, inputs: tuple, target: Any = None) -> Any:
         self.stats.forwards += 1
         keep = Kept()
         if self.policy in ("stash", "input", "snapshot"):
@@ -141,12 +161,7 @@ class StageExecutor:
             return out.detach()
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
 
-    def backward(self, mb: int, grads: tuple | None, activations: tuple | None = None) -> tuple[tuple, tuple | None]:
-        """Backward micro-batch ``mb`` from the gradients of its outputs (``None`` on the last stage).
-
-        ``activations`` is the reconstructed output (petra); returns the gradients of the stage's
-        inputs and, for petra, the reconstructed inputs to send upstream.
-        """
+    def _backward(self, mb: int, grads: tuple | None, activations: tuple | None) -> tuple[tuple, tuple | None]:
         self.stats.backwards += 1
         keep = self.kept.pop(mb)
         if self.last or self.policy in ("graph", "snapshot"):
@@ -185,8 +200,7 @@ class StageExecutor:
             if self.schedule == "petra" else None
         return grads_in, recon
 
-    def update(self) -> None:
-        """One optimizer step with the mean of the gradients accumulated since the last one."""
+    def _update(self) -> None:
         if not self.pending:
             return
         for p in self.params:
@@ -221,6 +235,15 @@ def _add_grad(p: torch.Tensor, g: torch.Tensor | None) -> None:
     if g is None:
         return
     p.grad = g.detach().clone() if p.grad is None else p.grad + g
+
+
+@contextlib.contextmanager
+def _timed(stats: StageStats):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stats.busy_seconds += time.perf_counter() - start
 
 
 @contextlib.contextmanager

@@ -52,7 +52,7 @@ class TorchPipeline:
         ex.stats.forwards += m
         ex.stats.backwards += m
         ex.pending = 1  # PyTorch already averaged the gradients over the micro-batches
-        ex.update()
+        ex._update()
 
     def _run(self, sched: Any, xs: list[tuple], ys: list[torch.Tensor]) -> list | None:
         if self.rank == 0:

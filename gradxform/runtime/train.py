@@ -161,6 +161,8 @@ class Trainer:
                 kill(t)
 
             torch_pipeline = self._torch_pipeline()
+            epoch_start = time.perf_counter()
+            busy_start = {j: ex.stats.busy_seconds for j, ex in self.executors.items()}
             for sched, offset in schedules:
                 if torch_pipeline is not None:  # gpipe / 1f1b across ranks: PyTorch's own engine
                     idx = range(offset, offset + sched.micro_batches)
@@ -171,6 +173,7 @@ class Trainer:
                              lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
                              on_tick=on_tick)
             bar.close()
+            train_seconds = time.perf_counter() - epoch_start
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
             self.epoch += 1
@@ -180,7 +183,9 @@ class Trainer:
                       "test_accuracy": correct / total if total else None,
                       "wall_time": time.perf_counter() - started,
                       "updates": {j: ex.stats.updates for j, ex in self.executors.items()},
-                      "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()}}
+                      "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()},
+                      "busy_seconds": {j: ex.stats.busy_seconds - busy_start[j] for j, ex in self.executors.items()},
+                      "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size}
             record = self._gather(record)
             self.history.append(record)
             if self.rank0:
