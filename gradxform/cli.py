@@ -11,7 +11,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 EMITS = ("pt", "onnx", "dot", "svg", "json")
 

@@ -11,6 +11,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: each worker gets its share of the cores (torch would otherwise use all of them in
+    # every worker, and the suite slows down instead of speeding up)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 EXAMPLES = ROOT / "examples"
 
 

@@ -157,8 +157,9 @@ class _Extracted:
 
     def build(self, gm: Any, sides: list, whole: bool = False) -> Any:
         """f(x, *sides) as a GraphModule: the residual function, or with ``whole`` the entire block."""
-        import torch
         import torch.fx as fx
+
+        from ..ir.subgraph import arg_lookup
 
         b = self.block
         graph = fx.Graph()
@@ -172,26 +173,10 @@ class _Extracted:
         start = graph.call_method("clone", (x,)) if self.clone_input else x
         env[b.entry] = start
 
-        def lookup(n: Any) -> Any:
-            if n in env:
-                return env[n]
-            if n.op == "get_attr":
-                env[n] = graph.get_attr(n.target)
-                env[n].meta = dict(n.meta)
-                return env[n]
-            source = self.sizes[n]  # a size: re-read it from x
-            if not source:
-                return int(n.meta["val"])
-            parts = []
-            for _, d in source:
-                part = graph.call_function(torch.ops.aten.sym_size.int, (x, d))
-                part.meta["val"] = b.entry.meta["val"].shape[d]
-                parts.append(part)
-            import operator
-
-            env[n] = parts[0] if len(parts) == 1 else graph.call_function(operator.mul, tuple(parts))
-            env[n].meta["val"] = n.meta["val"]
-            return env[n]
+        # sizes the block reads from outside are re-read from its input x
+        lookup = arg_lookup(graph, env, lambda n: [(b.entry, d) for _, d in self.sizes.get(n, [])]
+                            if n in self.sizes else None, getattr(gm, "_in_spec", None) is not None,
+                            f"block {b.id}")
 
         if whole:
             for n in b.nodes_in_order:

@@ -146,8 +146,6 @@ def unfold_chains(gm: Any) -> bool:
     The pipeline may then cut between any two blocks of a chain; a stage made only of such slices is
     invertible (``gradxform.nn.staged.stage_inverse``), which is what PETRA needs.
     """
-    import operator
-
     from ..nn.reversible import ReversibleChain
 
     changed = False
@@ -228,11 +226,11 @@ def measure_node_times(gm: Any, order: list, ctx: Any, repeats: int = 3) -> list
 
 def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
     """Copy the nodes of each stage into its own GraphModule and compose them."""
-    import torch
     import torch.fx as fx
 
     from ..ir.analysis import size_source
     from ..ir.meta import tags
+    from ..ir.subgraph import arg_lookup
     from ..nn.staged import StagedModule
 
     order = an.order
@@ -253,29 +251,8 @@ def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
             p.meta = dict(v.meta)
             env[v] = p
 
-        def lookup(n: fx.Node) -> Any:
-            if n in env:
-                return env[n]
-            if n.op == "get_attr":
-                env[n] = graph.get_attr(n.target)
-                env[n].meta = dict(n.meta)
-                return env[n]
-            # a size computed in an earlier stage: re-read it from a tensor this stage received
-            val = n.meta.get("val")
-            source = size_source(val, incoming)
-            if source is None:
-                raise RuntimeError(f"value '{n.name}' is needed in stage {s} but was not carried")
-            if not source:
-                return int(val)
-            parts = []
-            for t, d in source:
-                part = (graph.call_function(torch.ops.aten.sym_size.int, (env[t], d)) if exported
-                        else graph.call_method("size", (env[t], d)))
-                part.meta["val"] = t.meta["val"].shape[d]
-                parts.append(part)
-            env[n] = parts[0] if len(parts) == 1 else graph.call_function(operator.mul, tuple(parts))
-            env[n].meta["val"] = val
-            return env[n]
+        lookup = arg_lookup(graph, env, lambda n: size_source(n.meta.get("val"), incoming), exported,
+                            f"stage {s}")
 
         for node in order[lo:hi]:
             env[node] = graph.node_copy(node, lookup)
