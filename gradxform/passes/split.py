@@ -231,7 +231,7 @@ def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
     from ..ir.analysis import size_source
     from ..ir.meta import tags
     from ..ir.subgraph import arg_lookup
-    from ..nn.staged import StagedModule
+    from ..nn.staged import StagedModule, stage_inverse
 
     order = an.order
     bounds = [0, *cuts, len(order)]
@@ -266,6 +266,9 @@ def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
         stage = fx.GraphModule(gm, graph, class_name=f"Stage{s}")
         stage.meta.update({k: v for k, v in gm.meta.items() if k.startswith("gx_")})
         stage.meta["gx_stage"] = s
+        inverse = stage_inverse(stage)
+        if inverse is not None:  # a stage made only of reversible couplings
+            stage.inverse = inverse
         stages.append(stage)
     return StagedModule(stages, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None))
 

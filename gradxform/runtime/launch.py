@@ -109,14 +109,7 @@ def prepare_data(staged: Any, args: tuple, kwargs: dict, cfg: Any) -> tuple:
 
 def stage_inverses(staged: Any) -> dict[int, Any]:
     """Inverses of the stages made only of reversible couplings (used by the petra schedule)."""
-    from ..nn.staged import stage_inverse
-
-    out = {}
-    for j, stage in enumerate(staged.stages):
-        inv = stage_inverse(stage)
-        if inv is not None:
-            out[j] = inv
-    return out
+    return {j: stage.inverse for j, stage in enumerate(staged.stages) if getattr(stage, "inverse", None)}
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

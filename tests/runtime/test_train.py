@@ -136,3 +136,24 @@ def test_more_ranks_than_stages_is_a_clear_error(tmp_path):
                 "--no-progress", "--out", str(tmp_path))
     assert r.returncode != 0
     assert "the model has 3 stage(s) but 2 ranks were started" in r.stdout + r.stderr
+
+
+def test_user_dataset_through_module_function(cli, tmp_path, monkeypatch):
+    (tmp_path / "mydata.py").write_text(
+        "import torch\nfrom torch.utils.data import TensorDataset\n"
+        "def load():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(600, 64, generator=g)\n"
+        "    y = (x[:, 0] > 0).long()\n"
+        "    return TensorDataset(x[:500], y[:500]), TensorDataset(x[500:], y[500:])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = cli("train", str(EXAMPLES / "mlp.py"), "--pass", "split{stages=2}", "--data", "mydata:load",
+                         "--epochs", "4", "--batch-size", "16", "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 0, err
+    assert "final test accuracy" in out and metrics(tmp_path / "run")[-1]["test_accuracy"] > 0.8
+
+
+def test_bad_user_dataset(cli, tmp_path):
+    code, _, err = cli("train", str(EXAMPLES / "mlp.py"), "--data", "no_such_module:load", "--epochs", "1",
+                       "--out", str(tmp_path), "--no-progress")
+    assert code == 2 and "--data no_such_module:load" in err and "importable" in err
