@@ -94,6 +94,9 @@ def _flops(node: fx.Node, gm: fx.GraphModule, kind: str, out: list[torch.Tensor]
         q, k, v = (_val(a) for a in node.args[:3])
         rows = _numel(q) / to_expr(q.shape[-1])
         return 2 * rows * to_expr(k.shape[-2]) * (to_expr(q.shape[-1]) + to_expr(v.shape[-1]))
+    custom = getattr(mod, "gx_flops", None)
+    if custom is not None:  # a gradxform layer that states its own cost (a factored weight)
+        return custom(_numel(y))
     subgraphs = getattr(mod, "gx_subgraphs", None)
     if subgraphs is not None:  # a gradxform module (a reversible chain): the work of its graphs
         return sum((total(node_costs(g).values()).flops for g in subgraphs()), sympy.Integer(0))

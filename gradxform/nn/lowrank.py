@@ -1,0 +1,186 @@
+"""Low-rank layers: factored weights that save parameters *and* FLOPs (ALGORITHMS.md §6).
+
+``factor`` form (AB): a Linear ``W (out x in)`` becomes ``B @ A`` with ``A = sqrt(S) V^T`` (r x in) and
+``B = U sqrt(S)`` (out x r), two matrix products of total cost ``r (in + out)`` per row instead of
+``in x out``. A k x k convolution becomes a k x k convolution into r channels followed by a 1x1
+convolution back to ``out`` channels.
+
+``usv`` form (OIALR): ``W = U S V^T`` with ``U`` and ``V`` frozen (orthonormal columns) and only the r x r
+``S`` trained; :func:`truncate` periodically rediagonalises ``S``, rotates ``U`` and ``V`` into the new
+basis, drops small singular values, and resizes the optimizer state to match.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """A Linear or convolution weight viewed as out x (in * k * k)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U, singular values, V^T of the weight's matrix, computed in float64 for accuracy."""
+    u, s, vh = torch.linalg.svd(weight_matrix(weight).detach().double(), full_matrices=False)
+    return u, s, vh
+
+
+def choose_rank(s: torch.Tensor, rank: float | None = None, energy: float | None = None,
+                cutoff: float | None = None) -> int:
+    """Rank from an int or fraction of the full rank, an energy share, or a cutoff on sigma/sigma_max."""
+    full = s.numel()
+    if energy is not None:
+        share = torch.cumsum(s**2, 0) / (s**2).sum()
+        return int(min(full, int((share < energy - 1e-12).sum()) + 1))
+    if cutoff is not None:
+        return max(1, int((s >= cutoff * s[0]).sum()))
+    if rank is None:
+        return full
+    r = int(round(rank * full)) if isinstance(rank, float) and rank <= 1.0 else int(rank)
+    return max(1, min(full, r))
+
+
+class LowRankLinear(nn.Module):
+    """``B(A(x))`` with ``A: in -> r`` and ``B: r -> out`` (the AB form)."""
+
+    def __init__(self, a: nn.Linear, b: nn.Linear):
+        super().__init__()
+        self.a, self.b = a, b
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
+        u, s, vh = svd(layer.weight)
+        root = s[:rank].sqrt()
+        kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        a = nn.Linear(layer.in_features, rank, bias=False, **kw)
+        b = nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **kw)
+        dtype = layer.weight.dtype
+        with torch.no_grad():
+            a.weight.copy_((root[:, None] * vh[:rank]).to(dtype))
+            b.weight.copy_((u[:, :rank] * root).to(dtype))
+            if layer.bias is not None:
+                b.bias.copy_(layer.bias)
+        return cls(a, b)
+
+    @property
+    def rank(self) -> int:
+        return self.a.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+    def gx_flops(self, out_numel: Any) -> Any:
+        """FLOPs for an output of ``out_numel`` elements: each row costs 2 r (in + out)."""
+        rows = out_numel / self.b.out_features
+        return 2 * rows * self.rank * (self.a.in_features + self.b.out_features)
+
+
+class LowRankConv2d(nn.Module):
+    """A k x k convolution into r channels, then a 1x1 convolution to the output channels."""
+
+    def __init__(self, first: nn.Conv2d, second: nn.Conv2d):
+        super().__init__()
+        self.first, self.second = first, second
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
+        u, s, vh = svd(conv.weight)
+        root = s[:rank].sqrt()
+        kw = {"dtype": conv.weight.dtype, "device": conv.weight.device}
+        first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                          bias=False, padding_mode=conv.padding_mode, **kw)
+        second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **kw)
+        dtype = conv.weight.dtype
+        with torch.no_grad():
+            first.weight.copy_((root[:, None] * vh[:rank]).reshape(rank, *conv.weight.shape[1:]).to(dtype))
+            second.weight.copy_((u[:, :rank] * root).reshape(conv.out_channels, rank, 1, 1).to(dtype))
+            if conv.bias is not None:
+                second.bias.copy_(conv.bias)
+        return cls(first, second)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def gx_flops(self, out_numel: Any) -> Any:
+        """FLOPs for an output of ``out_numel`` elements: a k x k conv to r channels, then a 1x1 back."""
+        pixels = out_numel / self.second.out_channels
+        per_pixel = self.first.weight[0].numel() * self.rank + self.rank * self.second.out_channels
+        return 2 * pixels * per_pixel
+
+
+class USVLinear(nn.Module):
+    """``x V S^T U^T + b`` with U (out x r) and V (in x r) frozen and S (r x r) trained (OIALR)."""
+
+    def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("u", u)
+        self.register_buffer("v", v)
+        self.s = nn.Parameter(s)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear, rank: int) -> "USVLinear":
+        u, s, vh = svd(layer.weight)
+        dtype = layer.weight.dtype
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        return cls(u[:, :rank].to(dtype).contiguous(), torch.diag(s[:rank]).to(dtype),
+                   vh[:rank].T.to(dtype).contiguous(), bias)
+
+    @property
+    def rank(self) -> int:
+        return self.s.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(F.linear(x, self.v.T), self.s), self.u, self.bias)
+
+    def gx_flops(self, out_numel: Any) -> Any:
+        rows = out_numel / self.u.shape[0]
+        return 2 * rows * self.rank * (self.v.shape[0] + self.rank + self.u.shape[0])
+
+
+@torch.no_grad()
+def truncate(layer: USVLinear, optimizer: torch.optim.Optimizer | None, cutoff: float,
+             min_rank: int = 1) -> int:
+    """Rediagonalise S, rotate U and V, drop sigma < cutoff * sigma_max; returns the new rank.
+
+    Never removes more than half of the rank at once, never goes below ``min_rank``. The optimizer's
+    per-parameter state for S (momentum, Adam moments) is rotated into the new basis and sliced, so
+    the next step is the one a freshly built layer with that state would take.
+    """
+    p, sigma, qh = torch.linalg.svd(layer.s.double())
+    keep = int((sigma >= cutoff * sigma[0]).sum())
+    keep = max(keep, (layer.rank + 1) // 2, min_rank)
+    keep = min(keep, layer.rank)
+    dtype = layer.s.dtype
+    p, q = p[:, :keep], qh[:keep].T
+    old = layer.s
+    state = optimizer.state.pop(old, None) if optimizer is not None else None
+    layer.u = (layer.u.double() @ p).to(dtype).contiguous()
+    layer.v = (layer.v.double() @ q).to(dtype).contiguous()
+    new = nn.Parameter(torch.diag(sigma[:keep]).to(dtype))
+    layer.s = new
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            group["params"] = [new if t is old else t for t in group["params"]]
+        if state is not None:
+            optimizer.state[new] = {k: (p.T.to(v.dtype) @ v @ q.to(v.dtype)).contiguous()
+                                    if torch.is_tensor(v) and v.shape == old.shape else v for k, v in state.items()}
+    return keep
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
+def factored(module: Any) -> bool:
+    return isinstance(module, (LowRankLinear, LowRankConv2d, USVLinear))

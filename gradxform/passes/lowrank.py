@@ -1,0 +1,153 @@
+"""``lowrank``: factor Linear and k x k convolution weights into low rank."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from .base import Pass, PassResult, option, register
+
+
+@dataclass
+class LowRankOptions:
+    rank: float = option(0.25, "rank: a fraction of the full rank (<= 1.0) or an absolute rank (> 1)")
+    energy: float | None = option(None, "instead: keep the singular values holding this share of sum(sigma^2)")
+    cutoff: float | None = option(None, "instead: keep sigma >= cutoff * sigma_max")
+    mode: Literal["factor", "usv"] = option("factor", "factor: A and B trained (AB); usv: U, V frozen, S trained (OIALR)")
+    keep: tuple[str, ...] = option(("first", "last"), "layers never factored: first, last (or neither: none)")
+    only: tuple[str, ...] = option((), "factor only layers whose path matches one of these patterns (fnmatch)")
+    skip: tuple[str, ...] = option((), "never factor layers whose path matches one of these patterns")
+    force: bool = option(False, "factor even where it saves no FLOPs (full-rank equivalence checks)")
+
+    def validate(self) -> None:
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.cutoff is not None and not 0 <= self.cutoff < 1:
+            raise ValueError(f"cutoff must be in [0, 1), got {self.cutoff}")
+        if not self.rank > 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        bad = [k for k in self.keep if k not in ("first", "last", "none")]
+        if bad:
+            raise ValueError(f"keep takes first, last or none, got {bad[0]!r}")
+
+
+@register
+class LowRank(Pass):
+    """Factor Linear layers (in -> r -> out) and k x k convolutions (k x k to r channels, then 1x1), only
+    where that reduces both parameters and FLOPs at the chosen rank: r < in*out/(in+out) for a Linear,
+    r < out*in*k^2/(in*k^2 + out) for a convolution. Grouped and depth-wise convolutions, embeddings and,
+    by default, the first and last layers are left alone. Works on both tracer spellings (an exported
+    graph's ``aten.linear`` becomes a call to the factored layer).
+    """
+
+    name = "lowrank"
+    summary = "factor Linear and conv weights into low rank (truncated SVD; AB or OIALR's USV form)"
+    Options = LowRankOptions
+    preserves_function = False
+
+    def run(self, gm: Any, ctx: Any) -> PassResult:
+        import torch
+        import torch.nn as nn
+
+        from ..ir.match import op_kind, scope
+        from ..nn.lowrank import LowRankConv2d, LowRankLinear, USVLinear, choose_rank, factored, svd
+
+        opts = self.options
+        layers = [n for n in gm.graph.nodes if op_kind(n, gm) in ("linear", "conv", "embedding")
+                  and not factored(gm.get_submodule(n.target) if n.op == "call_module" else None)]
+        weighted = [n for n in layers if op_kind(n, gm) in ("linear", "conv")]
+        kept = set()
+        if "first" in opts.keep and weighted:
+            kept.add(weighted[0])
+        if "last" in opts.keep and weighted:
+            kept.add(weighted[-1])
+        notes, rows = [], []
+        count = 0
+        for node in layers:
+            kind = op_kind(node, gm)
+            path = scope(node) or node.name
+            layer, reason = self._layer(gm, node, kind, nn, torch)
+            if reason is None and node in kept:
+                reason = "first or last layer (keep=first,last)"
+            if reason is None and opts.only and not any(fnmatch.fnmatch(path, p) for p in opts.only):
+                reason = "not matched by only="
+            if reason is None and any(fnmatch.fnmatch(path, p) for p in opts.skip):
+                reason = "matched by skip="
+            if reason is None and isinstance(layer, nn.Conv2d) and opts.mode == "usv":
+                reason = "usv mode factors Linear layers only"
+            if reason is not None:
+                notes.append(f"{path} not factored: {reason}")
+                continue
+            _, s, _ = svd(layer.weight)
+            r = choose_rank(s, None if (opts.energy or opts.cutoff is not None) else opts.rank,
+                            opts.energy, opts.cutoff)
+            # r (in k^2 + out) < out in k^2; for a Linear k = 1
+            out_f, in_f = layer.weight.shape[0], layer.weight[0].numel()
+            limit = out_f * in_f / (in_f + out_f)
+            if r >= limit and not opts.force:
+                notes.append(f"{path} not factored: rank {r} saves nothing (needs < {limit:.0f})")
+                continue
+            discarded = float((s[r:] ** 2).sum().sqrt())
+            if isinstance(layer, nn.Conv2d):
+                new = LowRankConv2d.from_conv(layer, r)
+            elif opts.mode == "usv":
+                new = USVLinear.from_linear(layer, r)
+            else:
+                new = LowRankLinear.from_linear(layer, r)
+            before = sum(p.numel() for p in layer.parameters())
+            after = sum(p.numel() for p in new.parameters()) + (
+                sum(b.numel() for b in new.buffers()) if opts.mode == "usv" else 0)
+            self._install(gm, node, new, count)
+            count += 1
+            rows.append({"layer": path, "rank": r, "full_rank": int(s.numel()), "params": [before, after],
+                         "frobenius_error": discarded, "spectral_error": float(s[r]) if r < s.numel() else 0.0})
+            notes.append(f"{path}: rank {r} of {s.numel()} ({opts.mode}), parameters {before} -> {after}, "
+                         f"weight error {discarded:.3g} (Frobenius, Eckart-Young)")
+        if not rows:
+            notes.append("no layer factored")
+        return PassResult(gm, bool(rows), notes, {"layers": rows})
+
+    @staticmethod
+    def _layer(gm: Any, node: Any, kind: str, nn: Any, torch: Any) -> tuple[Any, str | None]:
+        """The layer to factor (a module, or one built from an exported graph's tensors), or a reason."""
+        if kind == "embedding":
+            return None, "embedding"
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Conv2d):
+                if mod.groups != 1:
+                    return None, "grouped or depth-wise convolution"
+                return mod, None
+            if isinstance(mod, nn.Linear):
+                return mod, None
+            return None, f"{type(mod).__name__} is not handled"
+        if kind == "linear" and len(node.args) >= 2 and node.args[1].op == "get_attr":
+            weight = gm.get_parameter(node.args[1].target)
+            bias = gm.get_parameter(node.args[2].target) if len(node.args) > 2 and node.args[2] is not None else None
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            layer.weight = weight
+            if bias is not None:
+                layer.bias = bias
+            return layer, None
+        return None, "only nn.Linear/nn.Conv2d modules and exported aten.linear are handled"
+
+    @staticmethod
+    def _install(gm: Any, node: Any, new: Any, count: int) -> None:
+        from ..nn.lowrank import replace_module
+
+        if node.op == "call_module":
+            replace_module(gm, str(node.target), new)
+            return
+        name = f"lowrank{count}"
+        while hasattr(gm, name):
+            name += "_"
+        gm.add_submodule(name, new)
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_module(name, (node.args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        gm.graph.erase_node(node)
+        for attr in node.args[1:3]:
+            if attr is not None and not attr.users:
+                gm.graph.erase_node(attr)

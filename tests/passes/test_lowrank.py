@@ -1,0 +1,164 @@
+"""``lowrank``: full-rank equivalence, Eckart-Young, rank choices, skipped layers, USV truncation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.testing import FileCheck
+
+from gradxform.compiler import compile_loaded
+from gradxform.errors import PipelineError
+from gradxform.frontend.loader import LoadedModel
+from gradxform.nn.lowrank import LowRankConv2d, LowRankLinear, USVLinear, choose_rank, truncate
+
+from ..conftest import example
+
+
+def _out(o):
+    return o["logits"] if isinstance(o, dict) else o
+
+
+@pytest.mark.parametrize("target", ["mlp.py", "resnet.py", "vit.py", "lm.py", "gru.py"])
+def test_full_rank_equals_the_original_float64(target):
+    loaded = example(target, double=True)
+    reference = _out(loaded.module(*loaded.args, **loaded.kwargs))
+    result = compile_loaded(loaded, "lowrank{rank=1.0,force=true,keep=none}", check=False)
+    assert result.report["passes"][0]["info"]["layers"]  # something was factored
+    out = _out(result.module(*loaded.args, **loaded.kwargs))
+    torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_full_rank_float32():
+    loaded = example("resnet.py")
+    loaded.module.eval()
+    reference = loaded.module(*loaded.args)
+    module = compile_loaded(loaded, "lowrank{rank=1.0,force=true,keep=none}", check=False).module
+    torch.testing.assert_close(module(*loaded.args), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 5, 17])
+def test_truncation_error_is_the_discarded_spectrum(rank):
+    torch.manual_seed(0)
+    layer = nn.Linear(40, 30).double()
+    s = torch.linalg.svdvals(layer.weight)
+    low = LowRankLinear.from_linear(layer, rank)
+    w_r = low.b.weight @ low.a.weight
+    err = layer.weight - w_r
+    torch.testing.assert_close(torch.linalg.matrix_norm(err), s[rank:].pow(2).sum().sqrt(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.linalg.matrix_norm(err, ord=2), s[rank], rtol=1e-10, atol=1e-12)
+
+
+def test_conv_truncation_error_and_shapes():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1).double()
+    low = LowRankConv2d.from_conv(conv, 4)
+    w = conv.weight.reshape(12, -1)
+    s = torch.linalg.svdvals(w)
+    w_r = low.second.weight.reshape(12, 4) @ low.first.weight.reshape(4, -1)
+    torch.testing.assert_close(torch.linalg.matrix_norm(w - w_r), s[4:].pow(2).sum().sqrt(), rtol=1e-10, atol=1e-12)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    assert low(x).shape == conv(x).shape
+
+
+def test_report_per_layer_with_the_eckart_young_error():
+    result = compile_loaded(example("mlp.py", double=True), "lowrank{rank=0.25}", check=False)
+    p = result.report["passes"][0]
+    rows = {r["layer"]: r for r in p["info"]["layers"]}
+    assert set(rows) == {"body.2", "body.4", "body.6"}          # first and last Linear kept
+    assert rows["body.2"]["rank"] == 32 and rows["body.2"]["params"] == [128 * 128 + 128, 32 * 256 + 128]
+    assert any(n.startswith("body.0 not factored: first or last layer") for n in p["notes"])
+    assert p["params"][1] < p["params"][0] and p["flops"][1] < p["flops"][0]
+
+
+def test_rank_choices():
+    s = torch.tensor([10.0, 5.0, 1.0, 0.5])
+    assert choose_rank(s, rank=0.5) == 2 and choose_rank(s, rank=3) == 3
+    assert choose_rank(s, energy=0.9) == 2          # 100+25 of 126.25 = 99% >= 90%
+    assert choose_rank(s, energy=0.999) == 4
+    assert choose_rank(s, cutoff=0.1) == 3          # sigma >= 1.0
+    assert choose_rank(s, rank=100) == 4
+
+
+def test_grouped_convs_embeddings_and_patterns_are_skipped():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 64)
+            self.dw = nn.Conv1d(64, 64, 3, padding=1, groups=64)
+            self.a, self.b, self.c, self.d = (nn.Linear(64, 64) for _ in range(4))
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            h = self.dw(h.transpose(1, 2)).transpose(1, 2)
+            return self.d(self.c(self.b(self.a(h))))
+
+    loaded = LoadedModel(Net(), (torch.randint(0, 50, (2, 7)),))
+    result = compile_loaded(loaded, "lowrank{rank=0.25,skip=c,keep=none}", check=False)
+    notes = result.report["passes"][0]["notes"]
+    assert "emb not factored: embedding" in notes
+    assert any(n.startswith("dw not factored") for n in notes)
+    assert "c not factored: matched by skip=" in notes
+    assert [r["layer"] for r in result.report["passes"][0]["info"]["layers"]] == ["a", "b", "d"]
+    only = compile_loaded(LoadedModel(Net(), loaded.args), "lowrank{only=b,keep=none}", check=False)
+    assert [r["layer"] for r in only.report["passes"][0]["info"]["layers"]] == ["b"]
+
+
+def test_rank_that_saves_nothing_is_not_applied():
+    result = compile_loaded(example("mlp.py"), "lowrank{rank=0.9}", check=False)
+    notes = result.report["passes"][0]["notes"]
+    assert any("saves nothing" in n for n in notes) and "no layer factored" in notes
+
+
+def test_export_graph_linear_becomes_a_factored_call():
+    result = compile_loaded(example("lm.py"), "lowrank{rank=0.25}", check=False)
+    gm = result.module
+    FileCheck().check("self.lowrank0(").check("self.lowrank1(").run(gm.code)
+    assert all(isinstance(getattr(gm, f"lowrank{i}"), LowRankLinear) for i in range(4))
+    ids = torch.randint(0, 256, (3, 5))
+    assert gm(ids, attention_mask=torch.ones(3, 5, dtype=torch.long))["logits"].shape == (3, 5, 256)
+
+
+def test_bad_options():
+    with pytest.raises(PipelineError, match="energy must be in"):
+        compile_loaded(example("mlp.py"), "lowrank{energy=1.5}")
+    with pytest.raises(PipelineError, match="keep takes first, last or none"):
+        compile_loaded(example("mlp.py"), "lowrank{keep=middle}")
+
+
+def test_usv_truncation_keeps_optimizer_steps_consistent():
+    """A step after truncation equals a step on a freshly built layer given the same sliced state."""
+    torch.manual_seed(0)
+    layer = USVLinear.from_linear(nn.Linear(12, 10).double(), 8)
+    with torch.no_grad():  # a spectrum with small values to drop
+        layer.s.copy_(torch.diag(torch.tensor([5, 4, 3, 2, 0.1, 0.05, 0.02, 0.01], dtype=torch.float64))
+                      + 0.01 * torch.randn(8, 8, dtype=torch.float64))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(6, 12, dtype=torch.float64)
+    layer(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    w_before = (layer.u @ layer.s @ layer.v.T).detach()
+    sigma = torch.linalg.svdvals(layer.s.detach())
+    rank = truncate(layer, opt, cutoff=0.1)
+    assert rank == 4  # four singular values >= 0.1 * sigma_max, at most half dropped
+    w_after = (layer.u @ layer.s @ layer.v.T).detach()
+    # the truncated weight is the best rank-4 approximation: the error is the dropped spectrum
+    torch.testing.assert_close(torch.linalg.matrix_norm(w_before - w_after), sigma[4:].pow(2).sum().sqrt(),
+                               rtol=1e-10, atol=1e-12)
+    fresh = USVLinear(layer.u.clone(), layer.s.detach().clone(), layer.v.clone(), layer.bias.detach().clone())
+    fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+    fresh_opt.state[fresh.s] = {k: v.clone() for k, v in opt.state[layer.s].items()}
+    fresh_opt.state[fresh.bias] = {k: v.clone() for k, v in opt.state[layer.bias].items()}
+    for mod, o in ((layer, opt), (fresh, fresh_opt)):
+        mod(x).pow(2).sum().backward()
+        o.step()
+    torch.testing.assert_close(layer.s, fresh.s, rtol=0, atol=0)
+    assert layer.s.shape == (4, 4) and opt.state[layer.s]["momentum_buffer"].shape == (4, 4)
+
+
+def test_truncation_never_drops_more_than_half():
+    layer = USVLinear.from_linear(nn.Linear(12, 10).double(), 8)
+    with torch.no_grad():
+        layer.s.copy_(torch.diag(torch.tensor([1.0] + [1e-6] * 7, dtype=torch.float64)))
+    assert truncate(layer, None, cutoff=0.5) == 4
