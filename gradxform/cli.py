@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: decay the learning rate to 0 over the epochs")
     t.add_argument("--data", default="digits", help="digits | synthetic | module:function")
+    t.add_argument("--rank-every", type=int, default=0, metavar="STEPS",
+                   help="OIALR (lowrank{mode=usv}): truncate ranks every STEPS optimizer steps (0: never)")
+    t.add_argument("--rank-warmup", type=int, default=0, metavar="STEPS", help="OIALR: steps before the first")
+    t.add_argument("--rank-cutoff", type=float, default=0.1, help="OIALR: drop sigma < cutoff * sigma_max")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default="runs/train", metavar="DIR", help="metrics, plot and checkpoints")
     t.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS")

@@ -184,3 +184,49 @@ def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def factored(module: Any) -> bool:
     return isinstance(module, (LowRankLinear, LowRankConv2d, USVLinear))
+
+
+class AdaptiveRank:
+    """OIALR's schedule: after ``warmup`` optimizer steps, every ``every`` steps truncate each USV layer.
+
+    Call :meth:`step` after each optimizer step of the module's stage. Returns whether ranks changed
+    (the caller refreshes anything that cached the parameter list).
+    """
+
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, every: int, warmup: int = 0,
+                 cutoff: float = 0.1, min_fraction: float = 0.01):
+        self.module, self.optimizer = module, optimizer
+        self.every, self.warmup, self.cutoff, self.min_fraction = every, warmup, cutoff, min_fraction
+        self.steps = 0
+        self.log: list[dict[str, Any]] = []
+
+    def layers(self) -> list[tuple[str, USVLinear]]:
+        return [(n, m) for n, m in self.module.named_modules() if isinstance(m, USVLinear)]
+
+    def step(self) -> bool:
+        self.steps += 1
+        if self.every <= 0 or self.steps <= self.warmup or (self.steps - self.warmup) % self.every:
+            return False
+        changed = False
+        for name, layer in self.layers():
+            before = layer.rank
+            floor = max(1, int(self.min_fraction * min(layer.u.shape[0], layer.v.shape[0])))
+            after = truncate(layer, self.optimizer, self.cutoff, min_rank=floor)
+            changed |= after != before
+            self.log.append({"step": self.steps, "layer": name, "rank": [before, after]})
+        return changed
+
+
+def resize_usv(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Give every USV layer the rank recorded in ``state`` (a state dict), before loading it."""
+    changed = False
+    for name, layer in module.named_modules():
+        if isinstance(layer, USVLinear):
+            key = f"{name}.s" if name else "s"
+            if key in state and state[key].shape != layer.s.shape:
+                r = state[key].shape[0]
+                layer.u = torch.zeros(layer.u.shape[0], r, dtype=layer.u.dtype, device=layer.u.device)
+                layer.v = torch.zeros(layer.v.shape[0], r, dtype=layer.v.dtype, device=layer.v.device)
+                layer.s = nn.Parameter(torch.zeros(r, r, dtype=layer.s.dtype, device=layer.s.device))
+                changed = True
+    return changed

@@ -97,8 +97,13 @@ class StageExecutor:
         self.kept: dict[int, Kept] = {}
         self.pending = 0  # backwards accumulated since the last update
         self.stats = StageStats()
-        self.params = [p for p in module.parameters() if p.requires_grad]
-        self.named = {k: p for k, p in module.named_parameters() if p.requires_grad}
+        self.after_update: list[Callable[[], bool]] = []  # e.g. adaptive rank; True: parameters changed
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the stage's parameters (after a layer changed shape, e.g. a rank truncation)."""
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.named = {k: p for k, p in self.module.named_parameters() if p.requires_grad}
 
     @property
     def last(self) -> bool:
@@ -212,6 +217,8 @@ class StageExecutor:
         self.optimizer.zero_grad(set_to_none=True)
         self.pending = 0
         self.stats.updates += 1
+        if any([hook() for hook in self.after_update]):
+            self.refresh()
 
     def kept_bytes(self) -> int:
         return sum(k.nbytes() for k in self.kept.values())

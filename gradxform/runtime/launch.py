@@ -28,7 +28,8 @@ def config_from(a: argparse.Namespace) -> Any:
     cfg = TrainConfig(schedule=a.schedule, epochs=a.epochs, batch_size=a.batch_size, micro_batches=a.micro_batches,
                       accumulate=a.accumulate, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum,
                       weight_decay=a.weight_decay, lr_schedule=a.lr_schedule, data=a.data, seed=a.seed, out=a.out,
-                      checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.no_progress)
+                      checkpoint_every=a.checkpoint_every, resume=a.resume, progress=not a.no_progress,
+                      rank_every=a.rank_every, rank_warmup=a.rank_warmup, rank_cutoff=a.rank_cutoff)
     cfg.validate()
     return cfg
 

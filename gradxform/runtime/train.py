@@ -41,6 +41,9 @@ class TrainConfig:
     seed: int = 0
     out: str = "runs/train"
     checkpoint_every: int = 1     # epochs between checkpoints (the last epoch is always saved)
+    rank_every: int = 0           # OIALR: truncate USV layers every N optimizer steps (0: never)
+    rank_warmup: int = 0          # OIALR: optimizer steps before the first truncation
+    rank_cutoff: float = 0.1      # OIALR: drop singular values below cutoff * sigma_max
     resume: bool = False
     progress: bool = True
 
@@ -56,6 +59,10 @@ class TrainConfig:
             raise GradxformError(f"unknown optimizer '{self.optimizer}'", hint="use sgd or adamw")
         if not self.lr > 0:
             raise GradxformError("--lr must be positive")
+        if self.rank_every and self.schedule in ("stash", "delayed-exact"):
+            raise GradxformError(f"--rank-every cannot be used with --schedule {self.schedule}",
+                                 hint="its stashed weight copies would no longer match truncated layers; "
+                                      "use petra, dsp, backprop, gpipe or 1f1b")
         if self.lr_schedule not in ("cosine", "constant"):
             raise GradxformError(f"unknown --lr-schedule '{self.lr_schedule}'", hint="use cosine or constant")
 
@@ -104,6 +111,14 @@ class Trainer:
             j: StageExecutor(j, self.n, staged.stages[j], cfg.schedule, make_optimizer(staged.stages[j], cfg),
                              classification_loss, inverses.get(j))
             for j in self.transport.stages}
+        self.adaptive: dict[int, Any] = {}
+        if cfg.rank_every:
+            from ..nn.lowrank import AdaptiveRank
+
+            for j, ex in self.executors.items():
+                self.adaptive[j] = AdaptiveRank(ex.module, ex.optimizer, cfg.rank_every, cfg.rank_warmup,
+                                                cfg.rank_cutoff)
+                ex.after_update.append(self.adaptive[j].step)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.rank0 = 0 in self.transport.stages
@@ -117,6 +132,7 @@ class Trainer:
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         for j, ex in self.executors.items():
             state = {"epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
+                     "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
                      "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}
             tmp = self._ckpt(j).with_suffix(".tmp")
             torch.save(state, tmp)
@@ -129,6 +145,15 @@ class Trainer:
         for j, path in paths.items():
             state = torch.load(path, weights_only=True)
             ex = self.executors[j]
+            from ..nn.lowrank import resize_usv
+
+            if resize_usv(ex.module, state["module"]):  # ranks were truncated before the checkpoint
+                ex.optimizer = make_optimizer(ex.module, self.cfg)
+                ex.refresh()
+                if j in self.adaptive:
+                    self.adaptive[j].optimizer = ex.optimizer
+            if j in self.adaptive:
+                self.adaptive[j].steps = state.get("rank_steps", 0)
             ex.module.load_state_dict(state["module"])
             ex.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -185,7 +210,8 @@ class Trainer:
                       "updates": {j: ex.stats.updates for j, ex in self.executors.items()},
                       "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()},
                       "busy_seconds": {j: ex.stats.busy_seconds - busy_start[j] for j, ex in self.executors.items()},
-                      "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size}
+                      "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size,
+                      "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}
             record = self._gather(record)
             self.history.append(record)
             if self.rank0:

@@ -162,3 +162,51 @@ def test_truncation_never_drops_more_than_half():
     with torch.no_grad():
         layer.s.copy_(torch.diag(torch.tensor([1.0] + [1e-6] * 7, dtype=torch.float64)))
     assert truncate(layer, None, cutoff=0.5) == 4
+
+
+def _train(pipeline: str, tmp, **cfg):
+    from gradxform.compiler import compile
+    from gradxform.runtime.data import digits
+    from gradxform.runtime.train import TrainConfig, Trainer
+
+    from ..conftest import EXAMPLES
+
+    torch.manual_seed(0)
+    staged = compile(str(EXAMPLES / "mlp.py"), pipeline, check=False).module
+    if not hasattr(staged, "stages"):
+        from gradxform.nn.staged import StagedModule
+
+        staged = StagedModule([staged])
+    train, test = digits(flat=True)
+    trainer = Trainer(staged, TrainConfig(out=str(tmp), progress=False, **cfg))
+    return trainer, trainer.fit(train, test, log=lambda s: None)
+
+
+@pytest.mark.slow
+def test_digits_quarter_rank_within_two_points_of_full_rank(tmp_path):
+    _, full = _train("split{stages=1}", tmp_path / "full", schedule="backprop", epochs=8)
+    _, low = _train("lowrank{rank=0.25},split{stages=1}", tmp_path / "low", schedule="backprop", epochs=8)
+    assert full[-1]["test_accuracy"] > 0.9
+    assert low[-1]["test_accuracy"] >= full[-1]["test_accuracy"] - 0.02
+
+
+def test_adaptive_rank_truncates_during_training_and_resumes_exactly(tmp_path):
+    pipeline = "lowrank{mode=usv,rank=1.0,force=true},split{stages=2}"
+    opts = dict(schedule="petra", rank_every=10, rank_warmup=20)
+    whole, hist = _train(pipeline, tmp_path / "a", epochs=2, **opts)
+    ranks = hist[-1]["ranks"]
+    assert any(r < 128 for stage in ranks.values() for r in stage.values())  # ranks came down
+    _train(pipeline, tmp_path / "b", epochs=1, **opts)
+    resumed, hist_b = _train(pipeline, tmp_path / "b", epochs=2, resume=True, **opts)
+    assert hist_b[-1]["ranks"] == ranks
+    assert hist_b[-1]["step_losses"] == hist[-1]["step_losses"]
+    for (k, x), (_, y) in zip(whole.staged.state_dict().items(), resumed.staged.state_dict().items()):
+        assert torch.equal(x, y), k
+
+
+def test_adaptive_rank_refuses_stashing_schedules():
+    from gradxform.errors import GradxformError
+    from gradxform.runtime.train import TrainConfig
+
+    with pytest.raises(GradxformError, match="--rank-every cannot be used with --schedule stash"):
+        TrainConfig(schedule="stash", rank_every=5).validate()
