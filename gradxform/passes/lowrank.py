@@ -53,7 +53,10 @@ class LowRank(Pass):
         from ..ir.match import op_kind, scope
         from ..nn.lowrank import LowRankConv2d, LowRankLinear, USVLinear, choose_rank, factored, svd
 
+        from ..ir.cost import _numel, evaluate, hints, named, node_costs
+
         opts = self.options
+        costs, values = node_costs(gm), hints(gm)
         layers = [n for n in gm.graph.nodes if op_kind(n, gm) in ("linear", "conv", "embedding")
                   and not factored(gm.get_submodule(n.target) if n.op == "call_module" else None)]
         weighted = [n for n in layers if op_kind(n, gm) in ("linear", "conv")]
@@ -98,12 +101,17 @@ class LowRank(Pass):
             before = sum(p.numel() for p in layer.parameters())
             after = sum(p.numel() for p in new.parameters()) + (
                 sum(b.numel() for b in new.buffers()) if opts.mode == "usv" else 0)
+            out_val = node.meta.get("val")
+            flops = [evaluate(costs[node].flops, values),
+                     evaluate(named(new.gx_flops(_numel(out_val)), gm), values) if out_val is not None else None]
             self._install(gm, node, new, count)
             count += 1
             rows.append({"layer": path, "rank": r, "full_rank": int(s.numel()), "params": [before, after],
+                         "flops": flops,
                          "frobenius_error": discarded, "spectral_error": float(s[r]) if r < s.numel() else 0.0})
             notes.append(f"{path}: rank {r} of {s.numel()} ({opts.mode}), parameters {before} -> {after}, "
-                         f"weight error {discarded:.3g} (Frobenius, Eckart-Young)")
+                         f"FLOPs {flops[0]:.3g} -> {flops[1]:.3g}, weight error {discarded:.3g} "
+                         "(Frobenius, Eckart-Young)")
         if not rows:
             notes.append("no layer factored")
         return PassResult(gm, bool(rows), notes, {"layers": rows})
@@ -146,8 +154,13 @@ class LowRank(Pass):
         with gm.graph.inserting_before(node):
             call = gm.graph.call_module(name, (node.args[0],))
         call.meta = dict(node.meta)
+        attrs = list(node.args[1:3])  # read before erasing: erase_node clears a node's arguments
         node.replace_all_uses_with(call)
         gm.graph.erase_node(node)
-        for attr in node.args[1:3]:
+        for attr in attrs:
             if attr is not None and not attr.users:
                 gm.graph.erase_node(attr)
+                # the dense weight is no longer read: drop it, or it would stay a trained parameter
+                if not any(n.op == "get_attr" and n.target == attr.target for n in gm.graph.nodes):
+                    owner, _, leaf = str(attr.target).rpartition(".")
+                    delattr(gm.get_submodule(owner) if owner else gm, leaf)

@@ -67,6 +67,8 @@ def test_report_per_layer_with_the_eckart_young_error():
     rows = {r["layer"]: r for r in p["info"]["layers"]}
     assert set(rows) == {"body.2", "body.4", "body.6"}          # first and last Linear kept
     assert rows["body.2"]["rank"] == 32 and rows["body.2"]["params"] == [128 * 128 + 128, 32 * 256 + 128]
+    batch = 16  # the example input's batch
+    assert rows["body.2"]["flops"] == [2 * batch * 128 * 128, 2 * batch * 32 * (128 + 128)]
     assert any(n.startswith("body.0 not factored: first or last layer") for n in p["notes"])
     assert p["params"][1] < p["params"][0] and p["flops"][1] < p["flops"][0]
 
@@ -115,6 +117,8 @@ def test_export_graph_linear_becomes_a_factored_call():
     gm = result.module
     FileCheck().check("self.lowrank0(").check("self.lowrank1(").run(gm.code)
     assert all(isinstance(getattr(gm, f"lowrank{i}"), LowRankLinear) for i in range(4))
+    p = result.report["passes"][0]["params"]
+    assert p[1] < p[0]  # the dense weights are gone, not kept beside their factors
     ids = torch.randint(0, 256, (3, 5))
     assert gm(ids, attention_mask=torch.ones(3, 5, dtype=torch.long))["logits"].shape == (3, 5, 256)
 
