@@ -27,20 +27,24 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = (0.1, 0.25, 0.5)
 
 
-def step_time(module: nn.Module, args: tuple, kwargs: dict, repeats: int = 5) -> float:
-    def loss() -> torch.Tensor:
-        out = module(*args, **kwargs)
-        out = out["logits"] if isinstance(out, dict) else out
-        return out.float().pow(2).mean()
-
-    loss().backward()  # warm-up
-    times = []
-    for _ in range(repeats):
+def step_times(modules: list[nn.Module], args: tuple, kwargs: dict, rounds: int = 9) -> list[float]:
+    """Median forward+backward time of each module, measured round by round (interleaved), so that
+    the machine's drift affects every variant alike."""
+    def step(module: nn.Module) -> float:
         module.zero_grad(set_to_none=True)
         start = time.perf_counter()
-        loss().backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        out = module(*args, **kwargs)
+        out = out["logits"] if isinstance(out, dict) else out
+        out.float().pow(2).mean().backward()
+        return time.perf_counter() - start
+
+    for m in modules:
+        step(m)  # warm-up
+    samples = [[] for _ in modules]
+    for _ in range(rounds):
+        for i, m in enumerate(modules):
+            samples[i].append(step(m))
+    return [statistics.median(s) for s in samples]
 
 
 class Wide(nn.Module):
@@ -70,17 +74,16 @@ def cases():
 def main() -> None:
     rows = []
     for name, model, args, kwargs, extra in cases():
-        base = gradxform.compile(model, "split{stages=1}", example_inputs=args, example_kwargs=kwargs, check=False)
-        n0, p0, f0 = stats(base)
-        t0 = step_time(base, args, kwargs)
-        rows.append((name, "dense", p0, f0, t0, 1.0))
+        variants = [("dense", gradxform.compile(model, "split{stages=1}", example_inputs=args,
+                                                example_kwargs=kwargs, check=False))]
         for r in RANKS:
             opts = f"rank={r}" + (f",{extra}" if extra else "")
-            low = gradxform.compile(model, f"lowrank{{{opts}}}", example_inputs=args, example_kwargs=kwargs,
-                                    check=False)
-            _, p, f = stats(low)
-            t = step_time(low, args, kwargs)
-            rows.append((name, f"{r:.0%} rank", p, f, t, t0 / t))
+            variants.append((f"{r:.0%} rank", gradxform.compile(model, f"lowrank{{{opts}}}", example_inputs=args,
+                                                                example_kwargs=kwargs, check=False)))
+        times = step_times([m for _, m in variants], args, kwargs)
+        for (label, module), t in zip(variants, times):
+            _, p, f = stats(module)
+            rows.append((name, label, p, f, t, times[0] / t))
             print(rows[-1], flush=True)
     curve = accuracy_curve()
     write(rows, curve)
@@ -113,8 +116,9 @@ def write(rows: list, curve: list) -> None:
         "# Low-rank factoring: parameters, FLOPs, time, accuracy",
         "",
         f"Measured {date.today()} on {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, torch "
-        f"{torch.__version__} (`python bench/bench_lowrank.py`): forward + backward time, median of 5 after a "
-        "warm-up, dense and factored side by side in one run. Factored with `lowrank{rank=...}` (AB form; "
+        f"{torch.__version__} (`python bench/bench_lowrank.py`): forward + backward time, median of 9 rounds "
+        "after a warm-up, each round timing dense and every rank in turn (interleaved, so machine drift hits "
+        "all alike). Factored with `lowrank{rank=...}` (AB form; "
         "first and last layers kept, except for the single Linear).",
         "",
         "Goal: at 25% rank a large Linear at least 1.8x faster than dense on this CPU.",
