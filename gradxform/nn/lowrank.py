@@ -30,6 +30,14 @@ def svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return u, s, vh
 
 
+def factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = sqrt(S_r) V_r^T`` (r x in*k*k) and ``B = U_r sqrt(S_r)`` (out x r) in the weight's dtype:
+    ``B @ A`` is the best rank-r approximation of the weight's matrix (Eckart-Young)."""
+    u, s, vh = svd(weight)
+    root = s[:rank].sqrt()
+    return (root[:, None] * vh[:rank]).to(weight.dtype), (u[:, :rank] * root).to(weight.dtype)
+
+
 def choose_rank(s: torch.Tensor, rank: float | None = None, energy: float | None = None,
                 cutoff: float | None = None) -> int:
     """Rank from an int or fraction of the full rank, an energy share, or a cutoff on sigma/sigma_max."""
@@ -54,15 +62,13 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, layer: nn.Linear, rank: int) -> "LowRankLinear":
-        u, s, vh = svd(layer.weight)
-        root = s[:rank].sqrt()
         kw = {"dtype": layer.weight.dtype, "device": layer.weight.device}
         a = nn.Linear(layer.in_features, rank, bias=False, **kw)
         b = nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **kw)
-        dtype = layer.weight.dtype
+        wa, wb = factors(layer.weight, rank)
         with torch.no_grad():
-            a.weight.copy_((root[:, None] * vh[:rank]).to(dtype))
-            b.weight.copy_((u[:, :rank] * root).to(dtype))
+            a.weight.copy_(wa)
+            b.weight.copy_(wb)
             if layer.bias is not None:
                 b.bias.copy_(layer.bias)
         return cls(a, b)
@@ -89,16 +95,14 @@ class LowRankConv2d(nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int) -> "LowRankConv2d":
-        u, s, vh = svd(conv.weight)
-        root = s[:rank].sqrt()
         kw = {"dtype": conv.weight.dtype, "device": conv.weight.device}
         first = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                           bias=False, padding_mode=conv.padding_mode, **kw)
         second = nn.Conv2d(rank, conv.out_channels, 1, bias=conv.bias is not None, **kw)
-        dtype = conv.weight.dtype
+        wa, wb = factors(conv.weight, rank)
         with torch.no_grad():
-            first.weight.copy_((root[:, None] * vh[:rank]).reshape(rank, *conv.weight.shape[1:]).to(dtype))
-            second.weight.copy_((u[:, :rank] * root).reshape(conv.out_channels, rank, 1, 1).to(dtype))
+            first.weight.copy_(wa.reshape(rank, *conv.weight.shape[1:]))
+            second.weight.copy_(wb.reshape(conv.out_channels, rank, 1, 1))
             if conv.bias is not None:
                 second.bias.copy_(conv.bias)
         return cls(first, second)

@@ -50,10 +50,9 @@ class LowRank(Pass):
         import torch
         import torch.nn as nn
 
+        from ..ir.cost import _numel, evaluate, hints, named, node_costs
         from ..ir.match import op_kind, scope
         from ..nn.lowrank import LowRankConv2d, LowRankLinear, USVLinear, choose_rank, factored, svd
-
-        from ..ir.cost import _numel, evaluate, hints, named, node_costs
 
         opts = self.options
         costs, values = node_costs(gm), hints(gm)
