@@ -79,14 +79,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def _failing_node(e: BaseException) -> str | None:
-    """'layer conv1' from the interpreter's note on which node raised."""
+    """'layer conv1' from the interpreter's account of which node raised (in the message or a note)."""
     import re
 
-    for note in getattr(e, "__notes__", []) or []:
-        m = re.search(r"While executing %(\w+) : .*?\[target=([\w.]+)\]", note)
-        if m:
-            return f"layer {m.group(2)} (node {m.group(1)})"
-    return None
+    text = "\n".join([str(e), *(getattr(e, "__notes__", None) or [])])
+    m = re.search(r"While executing %(\w+) : .*?\[target=([\w.]+)\]", text)
+    return f"layer {m.group(2)} (node {m.group(1)})" if m else None
 
 
 def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool = True,

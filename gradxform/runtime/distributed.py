@@ -37,6 +37,10 @@ class PointToPoint:
         self.sent_bytes = 0
 
     def send(self, src: int, dst: int, kind: str, mb: int, tensors: tuple) -> None:
+        needed = 1 + sum(1 if t is None else 2 + t.dim() for t in tensors)
+        if needed > HEADER:
+            raise GradxformError(f"a stage boundary carries too many tensors/dimensions for one header "
+                                 f"({needed} > {HEADER} entries)")
         header = torch.zeros(HEADER, dtype=torch.int64)
         header[0] = len(tensors)
         pos = 1
@@ -48,8 +52,6 @@ class PointToPoint:
             header[pos], header[pos + 1] = DTYPES.index(t.dtype), t.dim()
             header[pos + 2: pos + 2 + t.dim()] = torch.tensor(t.shape)
             pos += 2 + t.dim()
-        if pos > HEADER:
-            raise GradxformError(f"a stage boundary carries too many tensors/dimensions for one header ({pos})")
         self.pending.append(dist.isend(header.to(self.device), dst))
         for t in tensors:
             if t is not None:
