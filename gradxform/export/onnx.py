@@ -139,13 +139,7 @@ def export_all(module: Any, args: tuple, kwargs: dict, folder: Path, exporter: s
         tick(1)
         stages = getattr(module, "stages", None)
         if stages is not None:
-            if getattr(module, "in_spec", None) is not None:
-                import torch.fx._pytree as fx_pytree
-
-                first = (tuple(fx_pytree.tree_flatten_spec((list(args), dict(kwargs)), module.in_spec)), {})
-            else:
-                first = (args, kwargs)
-            feeds = [first] + [(x, {}) for x in stage_inputs(module, args, kwargs)]
+            feeds = [(module.first_inputs(args, kwargs), {})] + [(x, {}) for x in stage_inputs(module, args, kwargs)]
             for i, (stage, (a, k)) in enumerate(zip(stages, feeds)):
                 results.append(export_onnx(stage, a, k, folder / f"stage{i}.onnx", f"stage{i}", exporter))
                 tick(1)

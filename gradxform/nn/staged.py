@@ -23,14 +23,19 @@ class StagedModule(torch.nn.Module):
         self.in_spec = in_spec
         self.out_spec = out_spec
 
-    def first(self, *args: Any, **kwargs: Any) -> Any:
-        """The first stage's output for a call with the model's own inputs."""
+    def first_inputs(self, args: tuple, kwargs: dict) -> tuple:
+        """The model's own (args, kwargs) bound to the first stage's placeholders, as a flat tuple."""
         if self.in_spec is not None:
             import torch.fx._pytree as fx_pytree
 
-            flat = fx_pytree.tree_flatten_spec((list(args), dict(kwargs)), self.in_spec)
-            return self.stages[0](*flat)
-        return self.stages[0](*args, **kwargs)
+            return tuple(fx_pytree.tree_flatten_spec((list(args), dict(kwargs)), self.in_spec))
+        from ..ir.meta import flat_inputs
+
+        return tuple(flat_inputs(self.stages[0], args, kwargs))
+
+    def first(self, *args: Any, **kwargs: Any) -> Any:
+        """The first stage's output for a call with the model's own inputs."""
+        return self.stages[0](*self.first_inputs(args, kwargs))
 
     def finish(self, out: Any) -> Any:
         """The model's output structure from the last stage's output."""

@@ -143,10 +143,4 @@ def classification_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
 
 def first_inputs(staged: Any, args: tuple, kwargs: dict) -> tuple:
     """The model's own (args, kwargs) bound to stage 0's placeholders, as a flat tuple."""
-    if getattr(staged, "in_spec", None) is not None:
-        import torch.fx._pytree as fx_pytree
-
-        return tuple(fx_pytree.tree_flatten_spec((list(args), dict(kwargs)), staged.in_spec))
-    from ..ir.meta import flat_inputs
-
-    return tuple(flat_inputs(staged.stages[0], args, kwargs))
+    return staged.first_inputs(args, kwargs)
