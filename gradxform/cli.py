@@ -212,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("target", metavar="DIR|FILE[:ATTR]", help="an artefact folder from 'compile', or a model file")
     t.add_argument("--pass", "-p", dest="pipeline", default=None, metavar="PIPELINE",
                    help="compile a model file first (default: split{stages=NPROC})")
-    t.add_argument("--schedule", default="petra",
-                   help="petra | stash | dsp | delayed-exact | backprop | gpipe | 1f1b (default: petra)")
+    t.add_argument("--schedule", default="auto",
+                   help="petra | stash | dsp | delayed-exact | backprop | gpipe | 1f1b | auto (default: auto, "
+                        "backprop for one stage, petra for several)")
     t.add_argument("--nproc", type=int, default=1, help="processes, one stage each (1: all stages in-process)")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=32, help="samples per micro-batch")

@@ -155,8 +155,10 @@ class _Extracted:
         self.block, self.main, self.sides, self.sizes = block, main, sides, sizes
         self.random, self.clone_input = random, clone_input
 
-    def build(self, gm: Any, sides: list, whole: bool = False) -> Any:
-        """f(x, *sides) as a GraphModule: the residual function, or with ``whole`` the entire block."""
+    def build(self, gm: Any, sides: list, whole: bool = False, post_act: bool = True) -> Any:
+        """f(x, *sides) as a GraphModule: the residual function, or with ``whole`` the entire block.
+
+        ``post_act=False`` leaves out an activation after the addition (Highway keeps it in r)."""
         import torch.fx as fx
 
         from ..ir.subgraph import arg_lookup
@@ -186,7 +188,7 @@ class _Extracted:
             for n in b.body:
                 env[n] = graph.node_copy(n, lookup)
             out = env[self.main]
-            if b.post_act is not None:  # the activation after the addition moves into f
+            if b.post_act is not None and post_act:  # the activation after the addition moves into f
                 out = graph.node_copy(b.post_act, lambda a: env[self.main] if a is b.add else lookup(a))
         graph.output(out)
         f = fx.GraphModule(gm, graph, class_name="ResidualFunction")

@@ -27,7 +27,7 @@ from .schedules import ASYNC, SCHEDULES, build
 
 @dataclass
 class TrainConfig:
-    schedule: str = "petra"
+    schedule: str = "auto"        # auto: chosen from the model (see auto_schedule)
     epochs: int = 5
     batch_size: int = 32          # samples per micro-batch
     micro_batches: int = 4        # gpipe / 1f1b: micro-batches per optimizer step
@@ -48,7 +48,7 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        if self.schedule not in SCHEDULES:
+        if self.schedule != "auto" and self.schedule not in SCHEDULES:
             from ..errors import did_you_mean
 
             raise GradxformError(f"unknown schedule '{self.schedule}'", hint=did_you_mean(self.schedule, SCHEDULES))
@@ -96,12 +96,19 @@ def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
+def auto_schedule(staged: Any) -> str:
+    """The schedule a model was compiled for: backprop for one stage (highway, lowrank), else petra."""
+    return "backprop" if len(staged.stages) == 1 else "petra"
+
+
 class Trainer:
     """Trains the stages this process hosts; all stages with the in-process transport."""
 
     def __init__(self, staged: Any, cfg: TrainConfig, transport: Transport | None = None,
                  inverses: dict[int, Callable] | None = None):
         cfg.validate()
+        if cfg.schedule == "auto":
+            cfg.schedule = auto_schedule(staged)
         self.staged, self.cfg = staged, cfg
         self.n = len(staged.stages)
         self.transport = transport or InProcess(self.n)

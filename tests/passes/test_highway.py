@@ -1,0 +1,137 @@
+"""``highway`` on whole models: golden graphs, unchanged outputs, exact gradients at k = L, cosines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import FileCheck
+
+import gradxform
+from gradxform.compiler import compile_loaded
+from gradxform.nn.highway import HighwayGRU, HighwaySegment
+from gradxform.runtime.engine import logits_of
+from gradxform.runtime.highway import gradient_cosines
+
+from ..conftest import example
+
+DIGITS = ["x:[16,1,8,8]"]
+
+
+def test_golden_resnet34_segments_between_projection_blocks():
+    result = compile_loaded(example("resnet.py:digits_resnet34", input_shapes=DIGITS), "highway")
+    code = result.module.code
+    FileCheck().check("maxpool = self.maxpool(").check("highway0 = self.highway0(maxpool)").check(
+        "downsample").check("add").check("highway1 = self.highway1(").check("downsample").check(
+        "highway2 = self.highway2(").check("highway3 = self.highway3(").check("self.fc(").run(code)
+    segments = [m for m in result.module.modules() if isinstance(m, HighwaySegment)]
+    assert [s.names for s in segments] == [["layer1.0", "layer1.1", "layer1.2"], [f"layer2.{i}" for i in (1, 2, 3)],
+                                           [f"layer3.{i}" for i in range(1, 6)], ["layer4.1", "layer4.2"]]
+    assert all(s.kinds == ["relu"] * len(s.names) for s in segments)
+    # g is the block's body; the ReLU after the addition stays in r
+    FileCheck().check("self.l0(x)").check("self.l4(").check("return").run(segments[0].blocks[0].code)
+    assert "self.l5" not in segments[0].blocks[0].code
+    notes = result.report["passes"][0]["notes"]
+    assert any(n.startswith("block layer2.0 stays an ordinary layer between highway segments (projection skip")
+               for n in notes)
+    assert any(n.startswith("highway2: 5 layers layer3.1 .. layer3.5; residual relu(x + g(x))") for n in notes)
+
+
+def test_golden_vit_attention_and_mlp_are_separate_gamma_layers():
+    result = compile_loaded(example("vit.py"), "highway{gamma=0.25}")
+    FileCheck().check("add = cat + pos_embed").check("highway0 = self.highway0(add)").check(
+        "self.norm(").run(result.module.code)
+    seg = result.module.highway0
+    assert len(seg.blocks) == 12 and seg.kinds == ["gamma"] * 12
+    assert seg.group_layers == [list(range(0, 12, 2)), list(range(1, 12, 2))]   # attention, MLP
+    notes = result.report["passes"][0]["notes"]
+    assert any("(1-0.25) x + (g(x) + 0.25 x), K = 0.75 I; 2 group(s) of identical blocks [6, 6]" in n for n in notes)
+
+
+def test_gru_becomes_a_highway_gru_with_the_same_state_dict():
+    loaded = example("gru.py")
+    keys = set(loaded.module.state_dict())
+    result = compile_loaded(loaded, "highway{iterations=3}")
+    assert isinstance(result.module.gru, HighwayGRU) and result.module.gru.highway_iterations == 3
+    assert set(result.module.state_dict()) == keys
+    notes = result.report["passes"][0]["notes"]
+    assert any(n.startswith("gru: GRU (1 layer(s)) unrolled, one Highway layer per time step (32 at the example)")
+               for n in notes)
+
+
+def test_second_run_changes_nothing():
+    result = compile_loaded(example("vit.py"), "highway,highway")
+    first, second = result.report["passes"]
+    assert first["changed"] and not second["changed"]
+    assert second["notes"] == ["no residual run or GRU found: nothing to convert"]
+
+
+def test_short_runs_and_options():
+    from gradxform.errors import PipelineError
+
+    notes = compile_loaded(example("resnet.py"), "highway{min_layers=3}").report["passes"][0]["notes"]
+    assert any(n.startswith("blocks layer1.0, layer1.1 not converted: fewer than min_layers=3") for n in notes)
+    with pytest.raises(PipelineError, match="gamma must be in"):
+        compile_loaded(example("mlp.py"), "highway{gamma=1.0}")
+    with pytest.raises(PipelineError, match="iterations must be 0 or more"):
+        compile_loaded(example("mlp.py"), "highway{iterations=-1}")
+
+
+def _loss(loaded):
+    return lambda m: logits_of(m(*loaded.args, **loaded.kwargs)).pow(2).mean()
+
+
+@pytest.mark.parametrize("target, shapes", [("resnet.py:digits_resnet34", DIGITS), ("vit.py", None),
+                                            ("gru.py", None), ("lm.py", None)])
+def test_k_equal_to_depth_reproduces_autograd(target, shapes):
+    """float64, training mode (BatchNorm on batch statistics): every gradient within 1e-10, buffers equal."""
+    loaded = example(target, double=True, input_shapes=shapes)
+    module = compile_loaded(loaded, "highway{iterations=64}", check=False).module.train()
+    segments = [m for m in module.modules() if hasattr(m, "highway_iterations")]
+    assert segments
+    grads, buffers = {}, {}
+    start = {k: b.clone() for k, b in module.named_buffers()}
+    for exact in (True, False):
+        for m in segments:
+            m.exact = exact
+        for k, b in module.named_buffers():
+            b.copy_(start[k])
+        module.zero_grad()
+        _loss(loaded)(module).backward()
+        grads[exact] = {k: p.grad.clone() for k, p in module.named_parameters()}
+        buffers[exact] = {k: b.clone() for k, b in module.named_buffers()}
+    for k in grads[True]:
+        torch.testing.assert_close(grads[False][k], grads[True][k], rtol=1e-10, atol=1e-10, msg=k)
+    for k in buffers[True]:
+        assert torch.equal(buffers[True][k], buffers[False][k]), k
+
+
+@pytest.mark.parametrize("target, layers, reached_by", [("gru.py", 32, 1), ("lm.py", 8, 2), ("vit.py", 12, 8)])
+def test_cosine_reaches_099_before_k_equals_depth(target, layers, reached_by):
+    loaded = example(target, double=True)
+    module = compile_loaded(loaded, "highway", check=False).module.train()
+    cos = gradient_cosines(module, _loss(loaded), [0, 1, 2, 4, 8, layers])
+    assert cos[layers] == pytest.approx(1.0, abs=1e-12)
+    assert cos[reached_by] > 0.99 and reached_by < layers, cos
+    assert cos[0] < cos[layers]
+
+
+@pytest.mark.slow
+def test_digits_resnet_with_two_iterations_matches_backprop():
+    """ResNet-34 on digits: Highway-BP with k = 2 within 2 points of backprop (same seed, same epochs)."""
+    from .test_reversible import train_digits
+
+    x = torch.randn(4, 1, 8, 8)
+    accs = {}
+    for pipeline in ("split{stages=1}", "highway{iterations=2}"):
+        torch.manual_seed(0)
+        import importlib.util
+
+        from ..conftest import EXAMPLES
+
+        spec = importlib.util.spec_from_file_location("resnet_example", EXAMPLES / "resnet.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        accs[pipeline] = train_digits(gradxform.compile(mod.digits_resnet34(), pipeline, example_inputs=(x,)), epochs=8)
+    plain, highway = accs.values()
+    assert plain > 0.95
+    assert highway >= plain - 0.02, accs
