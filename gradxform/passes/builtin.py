@@ -1,6 +1,6 @@
 """Importing this module registers gradxform's built-in passes and composites."""
 
-from . import highway, lowrank, reversible, split  # noqa: F401
+from . import aux_heads, highway, lowrank, reversible, split  # noqa: F401
 from .base import Composite, register_composite
 
 register_composite(Composite(
@@ -8,3 +8,11 @@ register_composite(Composite(
     "reversible,split{stages=4}",
     routes={"stages": "split", "balance": "split", "coupling": "reversible", "gamma": "reversible",
             "merge": "reversible", "store_inputs": "reversible"}))
+
+_HEADS = {"stages": "split", "balance": "split", "head": "aux-heads", "width": "aux-heads"}
+register_composite(Composite(
+    "dgl", "stages with auxiliary heads, each trained on its own local loss (the local schedule)",
+    "split{stages=2},aux-heads{schedule=local}", routes=dict(_HEADS)))
+register_composite(Composite(
+    "fwd-local", "stages with auxiliary heads whose gradients guide forward gradients (the forward-grad schedule)",
+    "split{stages=2},aux-heads{schedule=forward-grad}", routes=dict(_HEADS)))

@@ -68,12 +68,12 @@ def run_schedule(schedule: Schedule, executors: dict[int, StageExecutor], transp
                 mb = a.micro_batch
                 if a.kind == "forward":
                     x = feed(mb) if j == 0 else transport.recv(j - 1, j, "f", mb)
-                    out = ex.forward(mb, x, target(mb) if j == last else None)
+                    out = ex.forward(mb, x, target(mb) if ex.wants_target else None)
                     if j < last:
                         transport.send(j, j + 1, "f", mb, out)
                 elif a.kind == "backward":
                     grads = acts = None
-                    if j < last:
+                    if j < last and schedule.name != "local":
                         msg = transport.recv(j + 1, j, "b", mb)
                         if schedule.name == "petra":
                             half = len(msg) // 2
@@ -81,7 +81,7 @@ def run_schedule(schedule: Schedule, executors: dict[int, StageExecutor], transp
                         else:
                             grads = msg
                     g_in, recon = ex.backward(mb, grads, acts)
-                    if j > 0:
+                    if j > 0 and g_in is not None:
                         transport.send(j, j - 1, "b", mb, g_in + (recon if recon is not None else ()))
                 else:
                     ex.update()

@@ -11,6 +11,10 @@ What a stage keeps between a micro-batch's forward and its backward is the sched
 | input    | dsp; petra on non-invertible     | input                          | current weights, input     |
 | invert   | petra on invertible stages       | nothing                        | current weights, input     |
 |          |                                  |                                | reconstructed by inversion |
+| local    | local (DGL)                      | the head loss's graph, within  | the auxiliary head's loss  |
+|          |                                  | one tick                       |                            |
+| forward  | forward-grad                     | autograd graph + own tangents  | the forward-gradient       |
+|          |                                  |                                | estimate at the output     |
 
 Backward messages carry the gradient with respect to the boundary tensors; for ``petra`` they also
 carry the reconstructed boundary activation, which an invertible stage inverts further. Recomputes
@@ -32,7 +36,7 @@ from torch.func import functional_call
 from ..state import frozen_buffers
 
 POLICIES = {"backprop": "graph", "gpipe": "graph", "1f1b": "graph", "delayed-exact": "snapshot",
-            "stash": "stash", "dsp": "input", "petra": "input"}
+            "stash": "stash", "dsp": "input", "petra": "input", "local": "local", "forward-grad": "forward"}
 
 
 class TrainingError(RuntimeError):
@@ -47,6 +51,8 @@ class Kept:
     outputs: Any = None
     weights: dict[str, torch.Tensor] | None = None
     rng: torch.Tensor | None = None
+    tangents: torch.Tensor | None = None   # forward-grad: this stage's own tangents at its head input
+    derivatives: torch.Tensor | None = None  # forward-grad, last stage: d for every upstream tangent
     graph_bytes: int = 0  # bytes the autograd graph saved for backward (exact, from saved_tensors_hooks)
 
     def nbytes(self) -> int:
@@ -69,6 +75,7 @@ class StageStats:
     peak_kept_bytes: int = 0
     busy_seconds: float = 0.0   # time spent in forward, backward and update
     losses: list[float] = field(default_factory=list)
+    local_losses: list[float] = field(default_factory=list)  # auxiliary head losses (local, forward-grad)
 
 
 def _as_tuple(out: Any) -> tuple:
@@ -86,8 +93,10 @@ class StageExecutor:
 
     def __init__(self, index: int, stages: int, module: torch.nn.Module, schedule: str,
                  optimizer: torch.optim.Optimizer, loss_fn: Callable | None = None,
-                 inverse: Callable | None = None):
+                 inverse: Callable | None = None, guess: str = "local", tangents: int = 1,
+                 combine: str = "project"):
         self.index, self.stages = index, stages
+        self.guess, self.n_tangents, self.combine = guess, tangents, combine
         self.module = module
         self.schedule = schedule
         self.policy = "invert" if schedule == "petra" and inverse is not None else POLICIES[schedule]
@@ -98,7 +107,20 @@ class StageExecutor:
         self.pending = 0  # backwards accumulated since the last update
         self.stats = StageStats()
         self.after_update: list[Callable[[], bool]] = []  # e.g. adaptive rank; True: parameters changed
+        self.head = getattr(module, "aux_head", None)
+        if self.policy in ("local", "forward") and not self.last and self.head is None and \
+                (self.policy == "local" or guess == "local"):
+            from ..errors import GradxformError
+
+            raise GradxformError(f"stage {index} has no auxiliary head, which the {schedule} schedule trains it on",
+                                 hint="compile with aux-heads after split (or the dgl / fwd-local composites)"
+                                      + (", or use forward-grad{guess=random}" if schedule == "forward-grad" else ""))
         self.refresh()
+
+    @property
+    def wants_target(self) -> bool:
+        """Whether this stage's forward needs the labels (the last stage, and stages with local losses)."""
+        return self.last or (self.policy == "local" or (self.policy == "forward" and self.guess == "local"))
 
     def refresh(self) -> None:
         """Re-read the stage's parameters (after a layer changed shape, e.g. a rank truncation)."""
@@ -137,6 +159,10 @@ class StageExecutor:
 
     def _forward(self, mb: int, inputs: tuple, target: Any = None) -> Any:
         self.stats.forwards += 1
+        if self.policy == "local" and not self.last:
+            return self._forward_local(mb, inputs, target)
+        if self.policy == "forward":
+            return self._forward_tangents(mb, inputs, target)
         keep = Kept()
         if self.policy in ("stash", "input", "snapshot"):
             keep.rng = torch.get_rng_state()
@@ -166,9 +192,16 @@ class StageExecutor:
             return out.detach()
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
 
-    def _backward(self, mb: int, grads: tuple | None, activations: tuple | None) -> tuple[tuple, tuple | None]:
+    def _backward(self, mb: int, grads: tuple | None, activations: tuple | None) -> tuple[tuple | None, tuple | None]:
         self.stats.backwards += 1
         keep = self.kept.pop(mb)
+        if self.policy == "local":  # the local loss (or, on the last stage, the model's loss); nothing to send
+            with torch.enable_grad():
+                keep.outputs.backward()
+            self.pending += 1
+            return None, None
+        if self.policy == "forward":
+            return self._backward_tangents(keep, grads)
         if self.last or self.policy in ("graph", "snapshot"):
             out = keep.outputs
             outs = [out] if self.last else [o for o in _as_tuple(out) if isinstance(o, torch.Tensor)]
@@ -204,6 +237,96 @@ class StageExecutor:
         recon = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs) \
             if self.schedule == "petra" else None
         return grads_in, recon
+
+    # -- local learning ---------------------------------------------------------------------------
+    def _head_loss(self, out: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary head's loss on a detached copy of its input, and that input (whose grad is
+        the local guess). The head's own parameters get their exact local gradient."""
+        h = _as_tuple(out)[self.head.output_index]
+        h_in = h.detach().requires_grad_(True)
+        loss = self.loss_fn(self.head(h_in), target)
+        self._check(loss, "auxiliary loss")
+        self.stats.local_losses.append(float(loss.detach()))
+        return loss, h_in
+
+    def _forward_local(self, mb: int, inputs: tuple, target: Any) -> tuple:
+        keep = Kept()
+        inputs = _detach_tree(inputs, grad=False)
+        with torch.enable_grad(), _counting(keep):
+            out = self.module(*inputs)
+            h = _as_tuple(out)[self.head.output_index]
+            loss = self.loss_fn(self.head(h), target)
+        self._check(loss, "auxiliary loss")
+        self.stats.local_losses.append(float(loss.detach()))
+        keep.outputs = loss
+        self.kept[mb] = keep
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
+
+    def _forward_tangents(self, mb: int, inputs: tuple, target: Any) -> Any:
+        from .forward_grad import forward_mode_safe, make_tangents, per_sample_losses, push
+
+        keep = Kept()
+        n = len(inputs) // 2 if self.index > 0 else len(inputs)
+        primals, tangents = tuple(inputs[:n]), tuple(inputs[n:]) if self.index > 0 else (None,) * n
+        x = _detach_tree(primals, grad=True)
+        where = f"stage {self.index}"
+        with torch.enable_grad(), _counting(keep):
+            out = self.module(*x)
+            if self.last:
+                loss = self.loss_fn(out, target)
+                self._check(loss, "loss")
+                self.stats.losses.append(float(loss.detach()))
+        if self.last:
+            with forward_mode_safe(self.module):
+                d = push(lambda *a: per_sample_losses(self.module(*a), target), primals, tangents, where,
+                         self.module)
+            keep.outputs, keep.derivatives = loss, d
+            self.kept[mb] = keep
+            return loss.detach()
+        outs = _as_tuple(out)
+        index = self.head.output_index if self.head is not None else next(
+            i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.is_floating_point())
+        h = outs[index]
+        guess = None
+        if self.guess == "local":
+            loss, h_in = self._head_loss(out, target)
+            with torch.enable_grad():
+                loss.backward()  # the head's parameters train on their own loss; h_in.grad is the guess
+            guess = h_in.grad
+        own = make_tangents(h, guess, self.n_tangents)
+        pushed = None
+        if self.index > 0:
+            with forward_mode_safe(self.module):
+                pushed = push(self.module, primals, tangents, where, self.module)
+            pushed = _as_tuple(pushed)
+        sent = []
+        for i, o in enumerate(outs):
+            if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
+                sent.append(None)
+                continue
+            parts = [pushed[i]] if pushed is not None else []
+            parts.append(own if i == index else own.new_zeros((self.n_tangents,) + tuple(o.shape)))
+            sent.append(torch.cat(parts))
+        keep.outputs, keep.tangents = h, own
+        self.kept[mb] = keep
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in outs) + tuple(sent)
+
+    def _backward_tangents(self, keep: Kept, grads: tuple | None) -> tuple[tuple | None, None]:
+        from .forward_grad import project
+
+        with torch.enable_grad():
+            if self.last:
+                keep.outputs.backward()
+                d = keep.derivatives
+            else:
+                (d,) = grads
+                k = self.n_tangents
+                estimate = project(keep.tangents, d[-k:], self.combine)
+                self._check(estimate, "forward-gradient estimate")
+                keep.outputs.backward(estimate)
+                d = d[:-k]
+        self.pending += 1
+        return ((d,) if self.index > 0 else None), None
 
     def _update(self) -> None:
         if not self.pending:

@@ -15,6 +15,15 @@ Schedules (ALGORITHMS.md §2):
 - ``backprop``: one micro-batch at a time through every stage, forward then backward (the reference).
 - ``gpipe``: all M forwards, then all M backwards, then one update (bubble (J-1)/(M+J-1)).
 - ``1f1b``: warm-up forwards, then one forward one backward, then cool-down backwards; one update.
+
+Local learning (ALGORITHMS.md §5):
+
+- ``local`` (DGL): stage j forwards micro-batch ``t - j`` at tick t, backwards it at once through its
+  own auxiliary head (its input is detached, nothing is sent back) and updates. Stages never wait for
+  a later stage: there are no backward messages.
+- ``forward-grad``: one micro-batch at a time like ``backprop``, but the forward messages carry tangents
+  (each stage's guesses, pushed forward by JVPs) and the backward messages only the last stage's
+  directional derivatives along them: scalars per sample, never a gradient.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ from typing import Literal
 
 ASYNC = ("petra", "stash", "dsp", "delayed-exact")
 SYNC = ("backprop", "gpipe", "1f1b")
-SCHEDULES = ASYNC + SYNC
+LOCAL = ("local", "forward-grad")
+SCHEDULES = ASYNC + SYNC + LOCAL
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,42 @@ class Schedule:
         return busy / max(1, len(self.ticks) * self.stages)
 
 
+FORWARD_GRAD_OPTIONS = {"guess": ("local", "random"), "tangents": None, "combine": ("project", "mean")}
+
+
+def parse_schedule(text: str) -> tuple[str, dict[str, object]]:
+    """``forward-grad{guess=random,tangents=4}`` -> ("forward-grad", {"guess": "random", "tangents": 4}).
+
+    Only ``forward-grad`` takes options: guess (local | random), tangents (k >= 1), combine
+    (project | mean). Raises ValueError with the reason.
+    """
+    text = text.strip()
+    name, _, rest = text.partition("{")
+    name = name.strip()
+    opts: dict[str, object] = {}
+    if not rest:
+        return name, opts
+    if not rest.endswith("}"):
+        raise ValueError(f"unclosed '{{' in schedule '{text}'")
+    if name != "forward-grad":
+        raise ValueError(f"schedule '{name}' takes no options")
+    for item in filter(None, (x.strip() for x in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in FORWARD_GRAD_OPTIONS:
+            raise ValueError(f"unknown forward-grad option '{key}'; known: {', '.join(FORWARD_GRAD_OPTIONS)}")
+        allowed = FORWARD_GRAD_OPTIONS[key]
+        if allowed is None:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"forward-grad: tangents must be a positive integer, got '{value}'")
+            opts[key] = int(value)
+        elif value not in allowed:
+            raise ValueError(f"forward-grad: {key} must be one of {', '.join(allowed)}, got '{value}'")
+        else:
+            opts[key] = value
+    return name, opts
+
+
 def delay(stage: int, stages: int) -> int:
     """Ticks between a micro-batch's forward and backward at ``stage`` in the asynchronous family."""
     return 2 * (stages - 1 - stage)
@@ -93,7 +139,16 @@ def build(name: str, stages: int, micro_batches: int, accumulate: int = 1) -> Sc
                     acts = [fwd] + acts if j == J - 1 else acts + [fwd]
                 row[j] = acts
         return Schedule(name, J, M, ticks)
-    if name == "backprop":
+    if name == "local":
+        ticks = [[[] for _ in range(J)] for _ in range(M + J - 1)]
+        for j in range(J):
+            for b in range(M):
+                acts = [Action("forward", b), Action("backward", b)]
+                if (b + 1) % accumulate == 0 or b == M - 1:
+                    acts.append(Action("update"))
+                ticks[b + j][j] = acts
+        return Schedule(name, J, M, ticks)
+    if name in ("backprop", "forward-grad"):
         ticks = []
         for b in range(M):
             for j in range(J):

@@ -47,11 +47,25 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
 
+    guess: str = "local"          # forward-grad: the tangent guess (local head gradient or random)
+    tangents: int = 1             # forward-grad: tangents per stage (k)
+    combine: str = "project"      # forward-grad: projection on the tangents' span, or their mean
+
     def validate(self) -> None:
-        if self.schedule != "auto" and self.schedule not in SCHEDULES:
+        from .schedules import parse_schedule
+
+        try:
+            name, opts = parse_schedule(self.schedule)
+        except ValueError as e:
+            raise GradxformError(f"--schedule: {e}",
+                                 hint="e.g. --schedule 'forward-grad{guess=local,tangents=4,combine=project}'") from None
+        if name != "auto" and name not in SCHEDULES:
             from ..errors import did_you_mean
 
-            raise GradxformError(f"unknown schedule '{self.schedule}'", hint=did_you_mean(self.schedule, SCHEDULES))
+            raise GradxformError(f"unknown schedule '{name}'", hint=did_you_mean(name, SCHEDULES))
+        self.schedule = name
+        for key, value in opts.items():
+            setattr(self, key, value)
         for name in ("epochs", "batch_size", "micro_batches", "accumulate"):
             if getattr(self, name) < 1:
                 raise GradxformError(f"--{name.replace('_', '-')} must be at least 1")
@@ -97,7 +111,11 @@ def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def auto_schedule(staged: Any) -> str:
-    """The schedule a model was compiled for: backprop for one stage (highway, lowrank), else petra."""
+    """The schedule a model was compiled for: the one its auxiliary heads name (dgl: local, fwd-local:
+    forward-grad), backprop for one stage (highway, lowrank), else petra."""
+    named = getattr(staged, "gx_schedule", None)
+    if named:
+        return named
     return "backprop" if len(staged.stages) == 1 else "petra"
 
 
@@ -106,9 +124,9 @@ class Trainer:
 
     def __init__(self, staged: Any, cfg: TrainConfig, transport: Transport | None = None,
                  inverses: dict[int, Callable] | None = None):
-        cfg.validate()
         if cfg.schedule == "auto":
             cfg.schedule = auto_schedule(staged)
+        cfg.validate()
         self.staged, self.cfg = staged, cfg
         self.n = len(staged.stages)
         self.transport = transport or InProcess(self.n)
@@ -116,7 +134,8 @@ class Trainer:
         inverses = inverses or {}
         self.executors = {
             j: StageExecutor(j, self.n, staged.stages[j], cfg.schedule, make_optimizer(staged.stages[j], cfg),
-                             classification_loss, inverses.get(j))
+                             classification_loss, inverses.get(j), guess=cfg.guess, tangents=cfg.tangents,
+                             combine=cfg.combine)
             for j in self.transport.stages}
         self.adaptive: dict[int, Any] = {}
         if cfg.rank_every:
@@ -252,7 +271,7 @@ class Trainer:
 
     def _schedules(self, count: int) -> list[tuple[Any, int]]:
         cfg = self.cfg
-        if cfg.schedule in ASYNC or cfg.schedule == "backprop":
+        if cfg.schedule in ASYNC or cfg.schedule in ("backprop", "local", "forward-grad"):
             return [(build(cfg.schedule, self.n, count, cfg.accumulate), 0)]
         sizes = [min(cfg.micro_batches, count - s) for s in range(0, count, cfg.micro_batches)]
         if len(sizes) > 1 and sizes[-1] < self.n:  # too short to fill the pipeline: join the step before
