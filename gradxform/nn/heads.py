@@ -111,6 +111,11 @@ def head_flops(head: nn.Module, shape: tuple, batch: int) -> int:
 
     p = next(head.parameters())
     x = torch.zeros(batch, *shape, dtype=p.dtype, device=p.device)
-    with frozen_buffers(head), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        head(x)
+    mode = head.training
+    head.eval()  # a batch of one would make training-mode BatchNorm refuse
+    try:
+        with frozen_buffers(head), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            head(x)
+    finally:
+        head.train(mode)
     return int(counter.get_total_flops())

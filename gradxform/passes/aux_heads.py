@@ -80,7 +80,7 @@ class AuxHeads(Pass):
             raise PipelineError("aux-heads: cannot find the model's prediction tensor in the last stage's output")
         per_token = final.dim() >= 3
         classes = _concrete(final.shape[-1])
-        batch = _batch_of(ctx.args)
+        batch = _batch_of(tuple(ctx.args) + tuple(ctx.kwargs.values()))
         with frozen_buffers(gm), torch.no_grad(), FlopCounterMode(display=False) as counter:
             gm(*ctx.args, **ctx.kwargs)
         model_flops = int(counter.get_total_flops())
@@ -165,16 +165,22 @@ def _first_tensor(stage: Any) -> Any:
 
 
 def _head_input(stage: Any) -> tuple[int, Any]:
-    """The first floating-point boundary tensor with a batch dimension and per-sample features."""
+    """The boundary's main activation: of the floating-point (N, ...) tensors it carries, the one with
+    the most values per sample (an LM's hidden states rather than its attention mask)."""
     import torch
 
     out = next(n for n in stage.graph.nodes if n.op == "output").args[0]
     items = list(out) if isinstance(out, (tuple, list)) else [out]
+    best, size = (-1, None), -1
     for i, n in enumerate(items):
         val = getattr(n, "meta", {}).get("val")
         if isinstance(val, torch.Tensor) and val.is_floating_point() and 2 <= val.dim() <= 4:
-            return i, val
-    return -1, None
+            per_sample = 1
+            for s in val.shape[1:]:
+                per_sample *= _concrete(s)
+            if per_sample > size:
+                best, size = (i, val), per_sample
+    return best
 
 
 def _split_after_blocks(gm: Any) -> Any:

@@ -321,7 +321,9 @@ class StageExecutor:
             else:
                 (d,) = grads
                 k = self.n_tangents
-                estimate = project(keep.tangents, d[-k:], self.combine)
+                # a single random tangent: <t, e> e, unbiased; normalising by |e|^2 would shrink it to t / D
+                combine = "mean" if self.guess == "random" and k == 1 else self.combine
+                estimate = project(keep.tangents, d[-k:], combine)
                 self._check(estimate, "forward-gradient estimate")
                 keep.outputs.backward(estimate)
                 d = d[:-k]

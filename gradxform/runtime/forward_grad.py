@@ -35,10 +35,10 @@ def project(tangents: torch.Tensor, d: torch.Tensor, combine: str = "project", e
     if k == 1:
         norm2 = (v[0] * v[0]).sum(-1)
         return (d[0] / (norm2 + eps)).unsqueeze(-1).mul(v[0]).reshape(tangents.shape[1:])
-    gram = torch.einsum("knd,lnd->nkl", v, v)                     # (N, k, k)
-    gram = gram + eps * torch.eye(k, dtype=gram.dtype, device=gram.device)
-    coef = torch.linalg.solve(gram, d.transpose(0, 1).unsqueeze(-1)).squeeze(-1)   # (N, k)
-    return torch.einsum("nk,knd->nd", coef, v).reshape(tangents.shape[1:])
+    # B (B^T B)^-1 d is the minimum-norm x with B^T x = d: pinv(B^T) d, through an SVD (the normal
+    # equations would square B's condition number)
+    bt = v.transpose(0, 1)                                        # (N, k, D)
+    return (torch.linalg.pinv(bt) @ d.transpose(0, 1).unsqueeze(-1)).squeeze(-1).reshape(tangents.shape[1:])
 
 
 def make_tangents(h: torch.Tensor, guess: torch.Tensor | None, k: int, generator: torch.Generator | None = None

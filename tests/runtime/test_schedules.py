@@ -79,13 +79,48 @@ def test_every_schedule_respects_message_order(name, J, M, k):
         for b in range(M):
             if j > 0:
                 assert fwd[(j, b)] > fwd[(j - 1, b)]          # input sent at an earlier tick
-            if j < J - 1:
+            if name == "local":
+                assert bwd[(j, b)] == fwd[(j, b)]             # local loss: no message from downstream
+            elif j < J - 1:
                 assert bwd[(j, b)] > bwd[(j + 1, b)]          # gradient sent at an earlier tick
             else:
                 assert bwd[(j, b)] >= fwd[(j, b)]
     for j in range(J):
         acts = [a for _, a in s.actions(j)]
         assert acts[-1].kind == "update"                      # nothing left unapplied
+
+
+def test_local_stages_never_wait_for_a_later_stage():
+    J, M = 4, 6
+    s = build("local", J, M, accumulate=2)
+    fwd, bwd = when(s, "forward"), when(s, "backward")
+    for j in range(J):
+        for b in range(M):
+            assert fwd[(j, b)] == bwd[(j, b)] == b + j           # forward and local backward in one tick
+    assert [repr(a) for _, a in s.actions(1)] == ["F0", "B0", "F1", "B1", "U", "F2", "B2", "F3", "B3", "U",
+                                                   "F4", "B4", "F5", "B5", "U"]
+    assert len(s.ticks) == M + J - 1
+    assert in_flight(s) == [0, 0, 0, 0]                        # nothing held from one tick to the next
+    assert s.busy_fraction() == pytest.approx(J * M / (J * (M + J - 1)))
+
+
+def test_forward_grad_has_the_backprop_tick_table():
+    a, b = build("forward-grad", 3, 4, accumulate=2), build("backprop", 3, 4, accumulate=2)
+    assert a.ticks == b.ticks and a.name == "forward-grad"
+
+
+def test_schedule_options():
+    from gradxform.runtime.schedules import parse_schedule
+
+    assert parse_schedule("forward-grad{guess=random, tangents=4,combine=mean}") == (
+        "forward-grad", {"guess": "random", "tangents": 4, "combine": "mean"})
+    assert parse_schedule("petra") == ("petra", {})
+    for bad, msg in [("forward-grad{guess=best}", "guess must be one of local, random"),
+                     ("forward-grad{tangents=0}", "tangents must be a positive integer"),
+                     ("forward-grad{k=2}", "unknown forward-grad option 'k'"),
+                     ("petra{stages=2}", "takes no options"), ("forward-grad{guess=local", "unclosed")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_schedule(bad)
 
 
 def test_bad_arguments():

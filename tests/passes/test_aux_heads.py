@@ -1,0 +1,92 @@
+"""``aux-heads``: heads built from shapes, FLOPs shares, unchanged function, composites, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gradxform.compiler import compile_loaded
+from gradxform.errors import PipelineError
+from gradxform.nn.heads import AuxHead, build_head, head_flops
+
+from ..conftest import example
+
+
+def _heads(module):
+    return [getattr(s, "aux_head", None) for s in module.stages]
+
+
+def test_cnn_heads_on_resnet_stages_report_their_flops_share():
+    result = compile_loaded(example("resnet.py"), "split{stages=4},aux-heads")
+    heads = _heads(result.module)
+    assert all(isinstance(h, AuxHead) for h in heads[:3]) and heads[3] is None   # the last stage has the model's
+    assert [h.shape for h in heads[:3]] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    rec = result.report["passes"][1]
+    info = rec["info"]
+    assert [h["stage"] for h in info["heads"]] == [0, 1, 2]
+    assert 0 < info["share"] < 0.10                                # the reference papers' budget
+    assert info["share"] == pytest.approx(sum(h["flops"] for h in info["heads"]) / info["model_flops"])
+    assert any(n.startswith("stage 0: cnn head on output 0 (N, 64, 32, 32) -> 10 classes") for n in rec["notes"])
+    assert any("forward-grad: BatchNorm in training mode runs on batch statistics" in n for n in rec["notes"])
+    # the forward is unchanged (the PassManager compared outputs) and so is every original parameter
+    plain = compile_loaded(example("resnet.py"), "split{stages=4}").module
+    extra = {k for k in result.module.state_dict() if ".aux_head." not in k}
+    assert extra == set(plain.state_dict())
+
+
+@pytest.mark.parametrize("kind, shape, per_token, out", [
+    ("linear", (16, 8, 8), False, (3, 10)), ("mlp-sr", (16, 8, 8), False, (3, 10)), ("cnn", (16, 8, 8), False, (3, 10)),
+    ("linear", (12, 32), False, (3, 10)), ("mlp-sr", (12, 32), False, (3, 10)), ("cnn", (12, 32), False, (3, 10)),
+    ("cnn", (12, 32), True, (3, 12, 10)), ("linear", (12, 32), True, (3, 12, 10)),
+    ("linear", (40,), False, (3, 10)), ("mlp-sr", (40,), False, (3, 10)),
+])
+def test_heads_for_every_activation_layout(kind, shape, per_token, out):
+    head = build_head(kind, shape, 10, per_token=per_token)
+    assert tuple(head(torch.randn(3, *shape)).shape) == out
+    assert head_flops(head, shape, 3) > 0
+
+
+def test_mlp_sr_pools_large_maps_first_and_cnn_width_is_configurable():
+    assert isinstance(build_head("mlp-sr", (8, 16, 16), 10)[0], torch.nn.AdaptiveAvgPool2d)
+    assert not isinstance(build_head("mlp-sr", (8, 4, 4), 10)[0], torch.nn.AdaptiveAvgPool2d)
+    assert build_head("cnn", (8, 16, 16), 10, width=12)[0].out_channels == 12
+    with pytest.raises(ValueError, match="no head for activations of shape"):
+        build_head("linear", (2, 3, 4, 5), 10)
+
+
+def test_sequence_and_token_heads():
+    vit = compile_loaded(example("vit.py"), "dgl{stages=3}")
+    assert [h.shape for h in _heads(vit.module)[:2]] == [(65, 64), (65, 64)]
+    lm = compile_loaded(example("lm.py"), "dgl{stages=2,head=linear}").module
+    head = _heads(lm)[0]
+    assert head.per_token and head.classes == 256 and len(head.shape) == 2   # hidden states, not the mask
+    assert lm.gx_schedule == "local"
+
+
+def test_composites_name_their_schedule():
+    from gradxform.passes.base import resolve_pipeline
+
+    assert compile_loaded(example("mlp.py"), "fwd-local").module.gx_schedule == "forward-grad"
+    text = " ".join(p.describe() for p in resolve_pipeline("dgl{stages=3,head=linear}"))
+    assert "split{stages=3}" in text and "aux-heads{head=linear}" in text
+
+
+def test_at_blocks_splits_after_every_block():
+    result = compile_loaded(example("resnet.py:digits_resnet", input_shapes=["x:[4,1,8,8]"]), "aux-heads{at=blocks}")
+    assert len(result.module.stages) == 9 and sum(h is not None for h in _heads(result.module)) == 8
+    notes = result.report["passes"][0]["notes"]
+    assert notes[0] == "split after every residual block: 9 stages"
+    assert any("above the 10% the reference papers keep to" in n for n in notes)
+
+
+def test_errors():
+    with pytest.raises(PipelineError, match=r"aux-heads\{at=stages\} needs a model split into stages"):
+        compile_loaded(example("mlp.py"), "aux-heads")
+    with pytest.raises(PipelineError, match="it cannot follow 'split'"):
+        compile_loaded(example("resnet.py"), "split{stages=2},aux-heads{at=blocks}")
+    with pytest.raises(PipelineError, match="no residual block to cut after"):
+        compile_loaded(example("mlp.py"), "aux-heads{at=blocks}")
+    with pytest.raises(PipelineError, match="schedule must be local or forward-grad"):
+        compile_loaded(example("mlp.py"), "split{stages=2},aux-heads{schedule=petra}")
+    one = compile_loaded(example("mlp.py"), "split{stages=1},aux-heads")
+    assert one.report["passes"][1]["notes"] == ["one stage: no boundary to put a head on"]
