@@ -64,6 +64,42 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
 
 
+@pytest.mark.slow
+def test_digits_local_learning_and_forward_gradients(tmp_path):
+    """dgl with 2 stages within 3 points of backprop; forward gradients with a local guess clearly
+    better than with a random one (4 stages, where the guess matters)."""
+    from gradxform.runtime.data import digits
+
+    train, test = digits()
+    acc = {}
+    for name, pipeline, schedule in [("backprop", "split{stages=2}", "backprop"), ("dgl", "dgl{stages=2}", "auto"),
+                                     ("fwd-local", "fwd-local{stages=4}", "forward-grad{guess=local}"),
+                                     ("fwd-random", "fwd-local{stages=4}", "forward-grad{guess=random}")]:
+        cfg = TrainConfig(schedule=schedule, epochs=4, out=str(tmp_path / name), progress=False)
+        acc[name] = Trainer(_staged(pipeline), cfg).fit(train, test, log=lambda s: None)[-1]["test_accuracy"]
+    print("digits test accuracy:", acc)
+    assert acc["backprop"] >= 0.95
+    assert acc["dgl"] >= acc["backprop"] - 0.03, acc
+    assert acc["fwd-local"] >= acc["fwd-random"] + 0.03, acc
+
+
+def test_cli_train_picks_the_schedule_the_model_was_compiled_for(cli, tmp_path):
+    code, out, err = cli("train", str(EXAMPLES / "gru.py"), "--pass", "highway{iterations=2}", "--data", "synthetic",
+                         "--epochs", "1", "--out", str(tmp_path / "hw"), "--no-progress")
+    assert code == 0, err
+    assert "(backprop, 1 stage(s)" in out
+    code, out, err = cli("train", str(EXAMPLES / "mlp.py"), "--pass", "dgl{stages=2,head=linear}", "--epochs", "1",
+                         "--out", str(tmp_path / "dgl"), "--no-progress")
+    assert code == 0, err
+    assert "(local, 2 stage(s)" in out
+    code, _, err = cli("train", str(EXAMPLES / "mlp.py"), "--pass", "split{stages=2}", "--schedule", "local",
+                       "--epochs", "1", "--out", str(tmp_path / "none"))
+    assert code == 2 and "stage 0 has no auxiliary head" in err
+    code, _, err = cli("train", str(EXAMPLES / "mlp.py"), "--schedule", "forward-grad{guess=best}",
+                       "--out", str(tmp_path / "bad"))
+    assert code == 2 and "guess must be one of local, random" in err
+
+
 def test_config_errors():
     with pytest.raises(GradxformError, match="did you mean 'petra'"):
         TrainConfig(schedule="petr").validate()
@@ -87,10 +123,13 @@ def test_cli_train_data_mismatch(cli, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("schedule", ["petra", "1f1b"])
-def test_in_process_and_two_ranks_give_the_same_losses(tmp_path, schedule):
-    """petra: gradxform's point-to-point engine; 1f1b across ranks: torch.distributed.pipelining."""
-    args = ["train", DIGITS, "--pass", "split{stages=2}", "--schedule", schedule, "--epochs", "1",
+@pytest.mark.parametrize("schedule, pipeline", [("petra", "split{stages=2}"), ("1f1b", "split{stages=2}"),
+                                               ("local", "dgl{stages=2}"),
+                                               ("forward-grad{tangents=2}", "fwd-local{stages=2}")])
+def test_in_process_and_two_ranks_give_the_same_losses(tmp_path, schedule, pipeline):
+    """petra, local, forward-grad: gradxform's point-to-point engine; 1f1b across ranks:
+    torch.distributed.pipelining."""
+    args = ["train", DIGITS, "--pass", pipeline, "--schedule", schedule, "--epochs", "1",
             "--data", "synthetic", "--batch-size", "64", "--no-progress"]
     env_one_thread = dict(os.environ, OMP_NUM_THREADS="1")
     import subprocess
