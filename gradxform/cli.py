@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=5e-4)
     t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: decay the learning rate to 0 over the epochs")
-    t.add_argument("--data", default="digits", help="digits | synthetic | module:function")
+    t.add_argument("--data", default="digits", help="digits | synthetic | synthetic-deep | module:function")
     t.add_argument("--rank-every", type=int, default=0, metavar="STEPS",
                    help="OIALR (lowrank{mode=usv}): truncate ranks every STEPS optimizer steps (0: never)")
     t.add_argument("--rank-warmup", type=int, default=0, metavar="STEPS", help="OIALR: steps before the first")

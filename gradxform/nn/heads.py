@@ -69,7 +69,7 @@ def build_head(kind: str, shape: tuple, classes: int, width: int = 0, per_token:
         c, h, w = shape
         if kind == "linear":
             return nn.Sequential(nn.BatchNorm2d(c), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, classes))
-        width = width or (c if kind == "mlp-sr" else 32)
+        width = width or 32
         if kind == "mlp-sr":
             pool = [nn.AdaptiveAvgPool2d((max(1, h // 2), max(1, w // 2)))] if min(h, w) >= 8 else []
             layers = pool + _conv_bn_relu(nn.Conv2d, c, width)
@@ -85,7 +85,7 @@ def build_head(kind: str, shape: tuple, classes: int, width: int = 0, per_token:
         pool = [] if per_token else [_TokenMean()]
         if kind == "linear":
             return nn.Sequential(nn.LayerNorm(d), *pool, nn.Linear(d, classes))
-        width = width or (d if kind == "mlp-sr" else 32)
+        width = width or 32
         if kind == "mlp-sr":
             return nn.Sequential(nn.LayerNorm(d), *pool, *_mlp(d, width, classes))
         stride = 1 if per_token else 2
@@ -98,7 +98,7 @@ def build_head(kind: str, shape: tuple, classes: int, width: int = 0, per_token:
         (d,) = shape
         if kind == "linear":
             return nn.Sequential(nn.Linear(d, classes))
-        return nn.Sequential(*_mlp(d, width or d, classes))
+        return nn.Sequential(*_mlp(d, width or 32, classes))
     raise ValueError(f"no head for activations of shape (N, {', '.join(map(str, shape))}): expected (N, C, H, W), "
                      f"(N, T, D) or (N, D)")
 

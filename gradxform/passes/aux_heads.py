@@ -22,7 +22,8 @@ _FORWARD_MODE_NOTES = {
 @dataclass
 class AuxHeadsOptions:
     head: Literal["linear", "mlp-sr", "cnn"] = option("cnn", "head architecture (ALGORITHMS.md §5)")
-    width: int = option(0, "channels/width inside the head (0: cnn 32, or 16 with 16+ heads; mlp-sr the input's)")
+    width: int = option(0, "channels/width inside the head (0: the widest of 32, 16, 8 keeping all heads under "
+                           "10% of the model's FLOPs)")
     at: Literal["stages", "blocks"] = option("stages", "stages: a head on every stage boundary of a split model; "
                                                        "blocks: split after every residual block, a head on each")
     schedule: str = option("local", "the schedule 'gradxform train' uses by default: local or "
@@ -84,8 +85,7 @@ class AuxHeads(Pass):
         with frozen_buffers(gm), torch.no_grad(), FlopCounterMode(display=False) as counter:
             gm(*ctx.args, **ctx.kwargs)
         model_flops = int(counter.get_total_flops())
-        width = opts.width or (16 if len(stages) > 16 and opts.head == "cnn" else 0)
-        info, total = [], 0
+        targets = []
         for j, stage in enumerate(stages[:-1]):
             if hasattr(stage, "aux_head"):
                 notes.append(f"stage {j} already has a head; left as it is")
@@ -94,17 +94,35 @@ class AuxHeads(Pass):
             if val is None:
                 notes.append(f"stage {j}: no floating-point (N, ...) output to put a head on")
                 continue
-            shape = tuple(_concrete(s) for s in val.shape[1:])
-            try:
-                body = build_head(opts.head, shape, classes, width, per_token)
-            except ValueError as e:
-                raise PipelineError(f"aux-heads: stage {j}: {e}", hint="use head=linear") from None
+            targets.append((j, stage, index, tuple(_concrete(s) for s in val.shape[1:])))
+
+        def build_all(width: int) -> list:
+            built = []
+            for j, stage, index, shape in targets:
+                try:
+                    body = build_head(opts.head, shape, classes, width, per_token)
+                except ValueError as e:
+                    raise PipelineError(f"aux-heads: stage {j}: {e}", hint="use head=linear") from None
+                built.append((body, head_flops(body, shape, batch)))
+            return built
+
+        # width 0: the widest of 32, 16, 8 whose heads stay under 10% of the model's FLOPs (the
+        # reference papers' budget; Fournier et al. use 32 for 8 modules, 16 for 16)
+        candidates = [opts.width] if opts.width or opts.head == "linear" else [32, 16, 8]
+        for width in candidates:
+            built = build_all(width)
+            if sum(f for _, f in built) <= 0.10 * model_flops:
+                break
+        if len(candidates) > 1:
+            notes.append(f"head width {width} (automatic: the widest of 32, 16, 8 under 10% of the model's FLOPs, "
+                         f"else 8)")
+        info, total = [], 0
+        for (j, stage, index, shape), (body, flops) in zip(targets, built):
             param = next(stage.parameters(), None)
             if param is not None:
                 body = body.to(dtype=param.dtype, device=param.device)
             head = AuxHead(body, opts.head, index, shape, classes, per_token)
             stage.add_module("aux_head", head)
-            flops = head_flops(body, shape, batch)
             total += flops
             params = sum(p.numel() for p in head.parameters())
             info.append({"stage": j, "input": f"output {index}, (N, {', '.join(map(str, shape))})",

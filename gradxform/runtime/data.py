@@ -29,22 +29,28 @@ def digits(test_fraction: float = 0.2, seed: int = 0, flat: bool = False) -> tup
 
 
 def synthetic(input_shape: tuple[int, ...], classes: int, samples: int = 2048, seed: int = 0,
-              dtype: torch.dtype = torch.float32) -> tuple[TensorDataset, TensorDataset]:
+              dtype: torch.dtype = torch.float32, depth: int = 0) -> tuple[TensorDataset, TensorDataset]:
     """A learnable synthetic classification task shaped like the model's input.
 
-    Labels come from a fixed random linear teacher on the flattened input, so a model can fit them;
-    20% of the samples are held out.
+    Labels come from a fixed random teacher on the flattened input: linear (``depth=0``), or with
+    ``depth`` hidden tanh layers of width 256 (a harder, non-linear task); 20% of the samples are
+    held out.
     """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, *input_shape, generator=gen, dtype=dtype)
-    teacher = torch.randn(x[0].numel(), classes, generator=gen, dtype=dtype)
-    y = (x.flatten(1) @ teacher).argmax(1)
+    h = x.flatten(1)
+    for _ in range(depth):
+        w = torch.randn(h.shape[1], 256, generator=gen, dtype=dtype) / h.shape[1] ** 0.5
+        h = torch.tanh(2.0 * h @ w)
+    teacher = torch.randn(h.shape[1], classes, generator=gen, dtype=dtype)
+    y = (h @ teacher).argmax(1)
     cut = int(samples * 0.8)
     return TensorDataset(x[:cut], y[:cut]), TensorDataset(x[cut:], y[cut:])
 
 
 def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int = 0) -> tuple:
-    """``digits``, ``synthetic``, or ``module:function`` returning (train, test) datasets of (x, y)."""
+    """``digits``, ``synthetic``, ``synthetic-deep``, or ``module:function`` returning (train, test)
+    datasets of (x, y)."""
     from ..errors import GradxformError
 
     if spec == "digits":
@@ -60,6 +66,8 @@ def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int =
         return train, test
     if spec == "synthetic":
         return synthetic(tuple(input_shape), classes, seed=seed)
+    if spec == "synthetic-deep":  # a non-linear teacher with two hidden layers, 4096 samples
+        return synthetic(tuple(input_shape), classes, samples=4096, seed=seed, depth=2)
     module_name, sep, fn_name = spec.partition(":")
     if not sep:
         raise GradxformError(f"unknown --data '{spec}'", hint="use digits, synthetic, or module:function")

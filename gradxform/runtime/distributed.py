@@ -100,7 +100,8 @@ class PointToPoint:
             steps.zero_()
         dist.all_reduce(steps)
         record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]), step_losses=steps.tolist())
-        for key, kind in (("updates", int), ("peak_kept_bytes", int), ("busy_seconds", float)):
+        for key, kind in (("updates", int), ("peak_kept_bytes", int), ("peak_step_bytes", int),
+                          ("busy_seconds", float)):
             mine = torch.zeros(self.world, dtype=torch.float64)
             mine[self.rank] = float(record[key][self.rank])
             dist.all_reduce(mine)

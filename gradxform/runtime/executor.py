@@ -73,6 +73,7 @@ class StageStats:
     backwards: int = 0
     updates: int = 0
     peak_kept_bytes: int = 0
+    peak_step_bytes: int = 0    # the most one micro-batch kept for its backward (graph, inputs, tangents)
     busy_seconds: float = 0.0   # time spent in forward, backward and update
     losses: list[float] = field(default_factory=list)
     local_losses: list[float] = field(default_factory=list)  # auxiliary head losses (local, forward-grad)
@@ -188,6 +189,7 @@ class StageExecutor:
             if self.policy == "stash":
                 keep.weights = {k: p.detach().clone() for k, p in self.named.items()}
         self.kept[mb] = keep
+        self._note_step(keep)
         if self.last:
             return out.detach()
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
@@ -260,6 +262,7 @@ class StageExecutor:
         self.stats.local_losses.append(float(loss.detach()))
         keep.outputs = loss
         self.kept[mb] = keep
+        self._note_step(keep)
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in _as_tuple(out))
 
     def _forward_tangents(self, mb: int, inputs: tuple, target: Any) -> Any:
@@ -282,6 +285,7 @@ class StageExecutor:
                          self.module)
             keep.outputs, keep.derivatives = loss, d
             self.kept[mb] = keep
+            self._note_step(keep)
             return loss.detach()
         outs = _as_tuple(out)
         index = self.head.output_index if self.head is not None else next(
@@ -309,6 +313,7 @@ class StageExecutor:
             sent.append(torch.cat(parts))
         keep.outputs, keep.tangents = h, own
         self.kept[mb] = keep
+        self._note_step(keep)
         return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in outs) + tuple(sent)
 
     def _backward_tangents(self, keep: Kept, grads: tuple | None) -> tuple[tuple | None, None]:
@@ -351,6 +356,9 @@ class StageExecutor:
     def end_tick(self) -> None:
         """Record what the stage holds from this tick to the next (the schedule's memory cost)."""
         self.stats.peak_kept_bytes = max(self.stats.peak_kept_bytes, self.kept_bytes())
+
+    def _note_step(self, keep: Kept) -> None:
+        self.stats.peak_step_bytes = max(self.stats.peak_step_bytes, keep.nbytes())
 
     def _check(self, t: torch.Tensor, what: str) -> None:
         if not torch.isfinite(t).all():

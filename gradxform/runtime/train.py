@@ -235,6 +235,7 @@ class Trainer:
                       "wall_time": time.perf_counter() - started,
                       "updates": {j: ex.stats.updates for j, ex in self.executors.items()},
                       "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()},
+                      "peak_step_bytes": {j: ex.stats.peak_step_bytes for j, ex in self.executors.items()},
                       "busy_seconds": {j: ex.stats.busy_seconds - busy_start[j] for j, ex in self.executors.items()},
                       "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size,
                       "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}

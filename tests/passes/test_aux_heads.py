@@ -76,7 +76,13 @@ def test_at_blocks_splits_after_every_block():
     assert len(result.module.stages) == 9 and sum(h is not None for h in _heads(result.module)) == 8
     notes = result.report["passes"][0]["notes"]
     assert notes[0] == "split after every residual block: 9 stages"
-    assert any("above the 10% the reference papers keep to" in n for n in notes)
+    # automatic width: 32 would cost a third of this small model's FLOPs; a narrower head fits the budget
+    assert any(n.startswith("head width 16 (automatic") or n.startswith("head width 8 (automatic") for n in notes)
+    assert result.report["passes"][0]["info"]["share"] <= 0.10
+    wide = compile_loaded(example("resnet.py:digits_resnet", input_shapes=["x:[4,1,8,8]"]),
+                          "aux-heads{at=blocks,width=32}").report["passes"][0]
+    assert wide["info"]["share"] > 0.10
+    assert any("above the 10% the reference papers keep to" in n for n in wide["notes"])
 
 
 def test_errors():
