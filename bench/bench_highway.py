@@ -143,7 +143,15 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
         "",
         "Goal (GPU only): the GRU's training step at least 2x faster than backprop for k <= 2.",
         "",
+        "Reading the numbers: Highway-BP does more arithmetic than backprop (a re-run of every block, then "
+        "k + 1 VJPs through all of them) in exchange for a backward whose depth is k + O(log L) instead of L "
+        "sequential steps. It pays where the sequential backward leaves the hardware idle (small per-step "
+        "work, a GPU); on a CPU that is already busy, only the latency-bound case (the GRU at small k) "
+        "gains.",
+        "",
     ]
+    if a.device == "cpu":
+        lines += ["No GPU was lent to the run that wrote this file; `--device cuda` measures one.", ""]
     for res in results:
         lines += [f"## {res['name']}", "", "| variant | backward | step (fwd+bwd) | backward speed-up | "
                   "step speed-up |", "|---|---|---|---|---|"]

@@ -27,3 +27,11 @@ def frozen_buffers(module: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)
+
+
+def plain_path() -> bool:
+    """Whether a custom backward must step aside for the plain forward maths: under tracing, ONNX
+    export or torch.compile/export (they see the ordinary ops, not an autograd.Function)."""
+    compiler = getattr(torch, "compiler", None)
+    exporting = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting

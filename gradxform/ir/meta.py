@@ -25,6 +25,12 @@ from ..state import frozen_buffers
 GX = "gx"
 
 
+def concrete(size: Any) -> int:
+    """A size as an int: a symbolic size (B, T) gives its value at the example inputs."""
+    hint = getattr(getattr(size, "node", None), "hint", None)
+    return int(hint) if hint is not None else int(size)
+
+
 def tags(node: fx.Node) -> dict:
     """gradxform's tags on a node (created on first use)."""
     return node.meta.setdefault(GX, {})

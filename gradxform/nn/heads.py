@@ -1,4 +1,4 @@
-"""Auxiliary classifier heads: the local losses of DGL and the guesses of forward gradients (ALGORITHMS.md §5).
+"""Auxiliary classifier heads: the local losses of DGL and the guesses of forward gradients (docs/methods.md §5).
 
 A head reads one stage output and predicts the model's target from it: ``(N, classes)`` logits for a
 classifier, or ``(N, T, vocab)`` token logits when the model predicts per token. It is built from

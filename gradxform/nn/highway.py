@@ -112,7 +112,7 @@ class HighwaySegment(nn.Module):
         return Segment(list(self.blocks), residuals, groups, params, self.highway_iterations, list(self.blocks))
 
     def forward(self, x: torch.Tensor, *side: torch.Tensor) -> torch.Tensor:
-        return apply_segment(self.segment(), x, None, tuple(side), exact=self.exact)[-1]
+        return apply_segment(self.segment(), x, None, tuple(side), exact=self.exact, all_states=False)
 
     def extra_repr(self) -> str:
         return (f"layers={len(self.blocks)}, iterations={self.highway_iterations}, "

@@ -1,4 +1,4 @@
-"""Low-rank layers: factored weights that save parameters *and* FLOPs (ALGORITHMS.md §6).
+"""Low-rank layers: factored weights that save parameters *and* FLOPs (docs/methods.md §6).
 
 ``factor`` form (AB): a Linear ``W (out x in)`` becomes ``B @ A`` with ``A = sqrt(S) V^T`` (r x in) and
 ``B = U sqrt(S)`` (out x r), two matrix products of total cost ``r (in + out)`` per row instead of

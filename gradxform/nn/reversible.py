@@ -1,7 +1,7 @@
 """Reversible couplings and chains: residual stacks whose backward stores no activations.
 
 A chain of residual blocks ``y = x + f_i(x)`` is rewritten as a *coupling* over a two-tensor state
-whose input can be recomputed from its output (ALGORITHMS.md §1):
+whose input can be recomputed from its output (docs/methods.md §1):
 
 - ``LeapfrogCoupling``: ``(a, b) -> (b + f(a), a)``; inverse ``(a', b') -> (b', a' - f(b'))``.
   Entering sets ``a = b = x``; leaving merges the streams (``first``: ``a``; ``mean``: ``(a+b)/2``).
@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..state import frozen_buffers
+from ..state import plain_path as _plain_path
 
 State = tuple[torch.Tensor, ...]
 # f_vjp(a, g) -> (f(a) detached, g·∂f/∂a); parameter and side-input gradients are accumulated inside.
@@ -126,13 +127,6 @@ def _replayed_rng(state: Any, device: torch.device):
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
-
-
-def _plain_path() -> bool:
-    """Run the forward maths directly (tracing, export, or no gradient needed)."""
-    compiler = getattr(torch, "compiler", None)
-    exporting = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
 
 
 class ReversibleChain(nn.Module):
@@ -306,7 +300,7 @@ class _ChainFunction(torch.autograd.Function):
 class StoredInputBlock(nn.Module):
     """A block that keeps only its input for backward and recomputes itself there.
 
-    For the blocks a reversible chain cannot absorb (strided or projection skips, ALGORITHMS.md §1):
+    For the blocks a reversible chain cannot absorb (strided or projection skips, docs/methods.md §1):
     like activation checkpointing, but with BatchNorm statistics updated once and dropout replayed.
     The maths is the block's own: the model's function does not change.
     """

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from ..errors import PipelineError
 from .base import Pass, PassResult, option, register
 
-# forward-mode gaps in torch 2.13 and what the runtime does about them (ALGORITHMS.md §5)
+# forward-mode gaps in torch 2.13 and what the runtime does about them (docs/methods.md §5)
 _FORWARD_MODE_NOTES = {
     "batch_norm": "BatchNorm in training mode runs on batch statistics without updating its running statistics "
                   "while tangents are pushed (torch.func.jvp rejects the in-place update)",
@@ -21,7 +21,7 @@ _FORWARD_MODE_NOTES = {
 
 @dataclass
 class AuxHeadsOptions:
-    head: Literal["linear", "mlp-sr", "cnn"] = option("cnn", "head architecture (ALGORITHMS.md §5)")
+    head: Literal["linear", "mlp-sr", "cnn"] = option("cnn", "head architecture: linear (BN, pool, Linear), mlp-sr (DGL), cnn (Fournier et al.)")
     width: int = option(0, "channels/width inside the head (0: the widest of 32, 16, 8 keeping all heads under "
                            "10% of the model's FLOPs)")
     at: Literal["stages", "blocks"] = option("stages", "stages: a head on every stage boundary of a split model; "
@@ -150,8 +150,9 @@ class AuxHeads(Pass):
 
 
 def _concrete(size: Any) -> int:
-    hint = getattr(getattr(size, "node", None), "hint", None)
-    return int(hint) if hint is not None else int(size)
+    from ..ir.meta import concrete
+
+    return concrete(size)
 
 
 def _batch_of(args: tuple) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Pass, PassResult, option, register
-from .reversible import _ordered_union, _Skip, extract_block, replace_chain
+from .reversible import _ordered_union, extract_runs, replace_chain
 
 _PRE_NORMS = ("layer_norm", "group_norm")
 
@@ -68,23 +68,10 @@ class Highway(Pass):
             if not b.invertible:
                 notes.append(f"block {b.id} stays an ordinary layer between highway segments ({b.reason}); "
                              f"its gradient is exact")
-        runs: list[list] = []
-        for chain in an.chains:
-            kept: list = []
-            for b in chain:
-                try:
-                    ex = extract_block(gm, b)
-                    if ex.random:
-                        raise _Skip("it draws random numbers (dropout); the backward's re-run would draw others")
-                    kept.append((b, ex))
-                except _Skip as e:
-                    notes.append(f"block {b.id} not converted: {e}")
-                    runs.append(kept)
-                    kept = []
-            runs.append(kept)
+        runs = extract_runs(gm, an.chains, notes, random_ok=False)
         plans = []
         existing = sum(1 for n, _ in gm.named_children() if n.startswith("highway"))
-        for run in (r for r in runs if r):
+        for run in runs:
             names = [b.id for b, _ in run]
             if len(run) < opts.min_layers:
                 notes.append(f"blocks {', '.join(names)} not converted: fewer than min_layers={opts.min_layers}")
@@ -170,9 +157,9 @@ def _steps(node: Any, batch_first: bool) -> Any:
     val = getattr(x, "meta", {}).get("val")
     if val is None or val.dim() < 2:
         return "?"
-    size = val.shape[1] if batch_first and val.dim() == 3 else val.shape[0]
-    hint = getattr(getattr(size, "node", None), "hint", None)   # a symbolic T: its value at the example
-    return int(hint) if hint is not None else int(size)
+    from ..ir.meta import concrete
+
+    return concrete(val.shape[1] if batch_first and val.dim() == 3 else val.shape[0])
 
 
 def _set_submodule(gm: Any, target: str, module: Any) -> None:

@@ -61,18 +61,7 @@ class Reversible(Pass):
         for b in an.blocks:
             if not b.invertible:
                 notes.append(f"block {b.id} not converted: {b.reason}")
-        chains = []
-        for chain in an.chains:
-            kept: list = []
-            for b in chain:
-                try:
-                    kept.append((b, extract_block(gm, b)))
-                except _Skip as e:
-                    notes.append(f"block {b.id} not converted: {e}")
-                    chains.append(kept)
-                    kept = []
-            chains.append(kept)
-        chains = [c for c in chains if c]
+        chains = extract_runs(gm, an.chains, notes)
         # Build every module from the untouched graph first, then rewrite it in one pass: a block's
         # entry may be the exit of a block replaced before it.
         plans = []  # (first node, last node, nodes, module name, module, sides, report entry)
@@ -136,6 +125,27 @@ class Reversible(Pass):
         else:
             notes.append("no chain of invertible residual blocks found")
         return PassResult(gm, bool(plans), notes, {"chains": converted, "stored_input_blocks": stored})
+
+
+def extract_runs(gm: Any, chains: list, notes: list[str], random_ok: bool = True) -> list[list]:
+    """The chains as runs of (block, extracted) that can stand alone; a block that cannot ends its
+    run (the reason goes to ``notes``). ``random_ok=False`` also refuses blocks that draw random
+    numbers (a backward that re-runs them would draw others)."""
+    runs: list[list] = []
+    for chain in chains:
+        kept: list = []
+        for b in chain:
+            try:
+                ex = extract_block(gm, b)
+                if ex.random and not random_ok:
+                    raise _Skip("it draws random numbers (dropout); the backward's re-run would draw others")
+                kept.append((b, ex))
+            except _Skip as e:
+                notes.append(f"block {b.id} not converted: {e}")
+                runs.append(kept)
+                kept = []
+        runs.append(kept)
+    return [r for r in runs if r]
 
 
 def _ordered_union(lists: list[list]) -> list:

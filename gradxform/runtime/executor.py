@@ -1,7 +1,7 @@
 """The stage executor: performs a schedule's actions on one stage.
 
 What a stage keeps between a micro-batch's forward and its backward is the schedule's *policy*
-(ALGORITHMS.md §2):
+(docs/methods.md §2):
 
 | policy   | schedules                        | kept per in-flight micro-batch | backward uses              |
 |----------|----------------------------------|--------------------------------|----------------------------|

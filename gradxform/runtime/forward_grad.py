@@ -1,4 +1,4 @@
-"""Forward gradients with local guesses (ALGORITHMS.md §5): estimators, tangent pushing, forward-mode gaps.
+"""Forward gradients with local guesses (docs/methods.md §5): estimators, tangent pushing, forward-mode gaps.
 
 For a stage output h and per-sample guesses v_n (rows of the tangents V), the end-to-end gradient t_n
 at h reaches the stage only as directional derivatives d_n = <t_n, v_n>, computed by pushing V forward

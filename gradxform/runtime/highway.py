@@ -1,4 +1,4 @@
-"""The Highway-BP gradient engine: k iterations of parallel block VJPs and a scan (ALGORITHMS.md §3).
+"""The Highway-BP gradient engine: k iterations of parallel block VJPs and a scan (docs/methods.md §3).
 
 A *segment* is a run of layers ``h_{i+1} = r_i(h_i, g_i(h_i))`` over states of one shape. ``g_i``
 is the expensive block, reachable only through vector-Jacobian products; ``r_i`` is a cheap residual
@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..state import plain_path as _plain_path
 
 
 # -- residual functions r(x, z) and their cheap Jacobians ----------------------------------------
@@ -327,30 +329,36 @@ def highway_gradients(rerun: _Rerun, external: torch.Tensor, iterations: int) ->
 class HighwayFunction(torch.autograd.Function):
     """States of a segment forward; Highway-BP gradients backward.
 
-    Inputs: the segment, h0, the per-step side input (or None), the number of shared side inputs,
-    then the shared side inputs and the parameters. Output: the states ``h_1 .. h_L`` stacked.
+    Inputs: the segment, h0, the per-step side input (or None), whether every state is returned, the
+    number of shared side inputs, then the shared side inputs and the parameters. Output: the states
+    ``h_1 .. h_L`` stacked (a GRU's output sequence), or only ``h_L`` as a tensor of its own (so that
+    an in-place op after the segment cannot reach the saved states).
     """
 
     @staticmethod
-    def forward(ctx, seg: Segment, h0: torch.Tensor, step_side: torch.Tensor | None, n_shared: int,
-                *rest: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, seg: Segment, h0: torch.Tensor, step_side: torch.Tensor | None, all_states: bool,
+                n_shared: int, *rest: torch.Tensor) -> torch.Tensor:
         shared = tuple(rest[:n_shared])
         with torch.no_grad():
             states = run_forward(seg, h0, step_side, shared)
-        ctx.seg, ctx.n_shared = seg, n_shared
+        ctx.seg, ctx.n_shared, ctx.all_states = seg, n_shared, all_states
         ctx.save_for_backward(states, step_side, *shared)
-        return states[1:]
+        return states[1:] if all_states else states[-1].clone()
 
     @staticmethod
-    def backward(ctx, grad_states: torch.Tensor) -> tuple:
+    def backward(ctx, grad_out: torch.Tensor) -> tuple:
         seg = ctx.seg
         states, step_side, *shared = ctx.saved_tensors
         wants_step = step_side is not None and ctx.needs_input_grad[2]
         side_in = step_side.detach().requires_grad_(True) if wants_step else step_side
-        wants_shared = [ctx.needs_input_grad[4 + j] for j in range(ctx.n_shared)]
+        wants_shared = [ctx.needs_input_grad[5 + j] for j in range(ctx.n_shared)]
         shared_in = tuple(s.detach().requires_grad_(True) if w else s for s, w in zip(shared, wants_shared))
         rerun = _Rerun(seg, states, side_in, shared_in)
-        external = torch.cat([torch.zeros_like(states[:1]), grad_states])
+        if ctx.all_states:
+            external = torch.cat([torch.zeros_like(states[:1]), grad_out])
+        else:
+            external = torch.zeros_like(states)
+            external[-1] = grad_out
         w = highway_gradients(rerun, external, seg.iterations)
         # one local VJP per block with W in place of dL/dh: parameters and side inputs
         params = [p for p in seg.params if p.requires_grad]
@@ -362,25 +370,21 @@ class HighwayFunction(torch.autograd.Function):
         shared_grads = [next(rest) if want else None for want in wants_shared]
         step_grad = next(rest) if wants_step else None
         param_grads = [by_param.get(id(p)) for p in seg.params]
-        return (None, w[0], step_grad, None, *shared_grads, *param_grads)
+        return (None, w[0], step_grad, None, None, *shared_grads, *param_grads)
 
 
 def apply_segment(seg: Segment, h0: torch.Tensor, step_side: torch.Tensor | None = None,
-                  shared: tuple = (), exact: bool = False) -> torch.Tensor:
-    """States ``h_1 .. h_L`` (stacked) of a segment; gradients by Highway-BP unless ``exact``
-    (ordinary autograd through the same layers) or no gradient is needed."""
+                  shared: tuple = (), exact: bool = False, all_states: bool = True) -> torch.Tensor:
+    """States ``h_1 .. h_L`` (stacked) of a segment, or with ``all_states=False`` only ``h_L``;
+    gradients by Highway-BP unless ``exact`` (ordinary autograd through the same layers) or no
+    gradient is needed."""
     needed = torch.is_grad_enabled() and (
         h0.requires_grad or (step_side is not None and step_side.requires_grad)
         or any(s.requires_grad for s in shared) or any(p.requires_grad for p in seg.params))
     if exact or not needed or _plain_path():
-        return run_forward(seg, h0, step_side, shared)[1:]
-    return HighwayFunction.apply(seg, h0, step_side, len(shared), *shared, *seg.params)
-
-
-def _plain_path() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    exporting = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+        states = run_forward(seg, h0, step_side, shared)
+        return states[1:] if all_states else states[-1]
+    return HighwayFunction.apply(seg, h0, step_side, all_states, len(shared), *shared, *seg.params)
 
 
 # -- measuring the approximation --------------------------------------------------------------

@@ -5,7 +5,7 @@ which micro-batch each stage forwards and backwards at each tick and when it upd
 the stage executor performs the actions and the transport moves the messages. That makes every
 schedule testable without processes (tests/runtime/test_schedules.py).
 
-Schedules (ALGORITHMS.md §2):
+Schedules (docs/methods.md §2):
 
 - ``petra``, ``stash``, ``dsp``, ``delayed-exact``: the asynchronous family. At tick t stage j
   forwards micro-batch ``t - j`` and backwards micro-batch ``t - 2(J-1) + j``; the delay between a
@@ -16,7 +16,7 @@ Schedules (ALGORITHMS.md §2):
 - ``gpipe``: all M forwards, then all M backwards, then one update (bubble (J-1)/(M+J-1)).
 - ``1f1b``: warm-up forwards, then one forward one backward, then cool-down backwards; one update.
 
-Local learning (ALGORITHMS.md §5):
+Local learning (docs/methods.md §5):
 
 - ``local`` (DGL): stage j forwards micro-batch ``t - j`` at tick t, backwards it at once through its
   own auxiliary head (its input is detached, nothing is sent back) and updates. Stages never wait for

@@ -54,7 +54,7 @@ def test_round_trip_float64(coupling):
 
 
 # Budget for float32 reconstruction error at initialisation, conv-BN blocks, eval mode
-# (ALGORITHMS.md §1 measured 2e-8 / 4e-7 / 3e-6 / 2.5e-5 for depths 1 / 4 / 16 / 64).
+# (docs/methods.md §1 measured 2e-8 / 4e-7 / 3e-6 / 2.5e-5 for depths 1 / 4 / 16 / 64).
 FLOAT32_BUDGET = {1: 1e-6, 4: 1e-5, 16: 1e-4, 64: 1e-3}
 
 
