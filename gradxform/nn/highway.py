@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime.highway import (ActResidual, GammaResidual, GateResidual, Group, Residual, Segment,
+from ..runtime.highway import (ActResidual, GammaResidual, GateResidual, Group, LSTMResidual, Residual, Segment,
                                apply_segment)
 
 ACTIVATION_FNS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -32,6 +32,8 @@ def make_residual(kind: str, gamma: float = 0.0) -> Residual:
         return GammaResidual(gamma)
     if kind == "gate":
         return GateResidual()
+    if kind == "lstm":
+        return LSTMResidual()
     if kind in ACTIVATION_FNS:
         return ActResidual(ACTIVATION_FNS[kind], kind)
     raise ValueError(f"unknown residual kind {kind!r}")
@@ -190,6 +192,77 @@ class HighwayGRU(nn.GRU):
         if not batched:
             out, h_n = out.squeeze(1 if not self.batch_first else 0), h_n.squeeze(1)
         return out, h_n
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", highway_iterations={self.highway_iterations}"
+
+
+def lstm_gates(s: torch.Tensor, xp: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> tuple:
+    """One LSTM step's gates from the state ``s = (h, c)`` as ``(f, i ⊙ g, o)`` (PyTorch's order i, f, g, o)."""
+    gates = xp + F.linear(s.select(-3, 0), w_hh, b_hh)
+    i, f, g, o = gates.chunk(4, dim=-1)
+    return torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g), torch.sigmoid(o)
+
+
+class HighwayLSTM(nn.LSTM):
+    """An ``nn.LSTM`` trained with Highway-BP over its time steps (same parameters and state dict).
+
+    The Highway state of a step is ``(h, c)`` stacked; its K is a 2 x 2 matrix of diagonals (the
+    cell path ``∂c'/∂c = f`` and ``∂h'/∂c``), scanned like a diagonal one.
+    """
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, iterations: int) -> "HighwayLSTM":
+        if lstm.bidirectional:
+            raise ValueError("bidirectional LSTM")
+        if getattr(lstm, "proj_size", 0):
+            raise ValueError("LSTM with proj_size")
+        new = cls.__new__(cls)
+        new.__dict__.update(lstm.__dict__)   # shares the parameters
+        new.highway_iterations = iterations
+        new.exact = False
+        return new
+
+    def _segment(self, layer: int, steps: int) -> Segment:
+        w_hh = getattr(self, f"weight_hh_l{layer}")
+        b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
+
+        def step(s: torch.Tensor, xp: torch.Tensor) -> tuple:
+            return lstm_gates(s, xp, w_hh, b_hh)
+
+        residual = LSTMResidual()
+        params = [w_hh] + ([b_hh] if b_hh is not None else [])
+        return Segment([step] * steps, [residual] * steps, [Group(list(range(steps)), residual, fn=step)],
+                       params, self.highway_iterations)
+
+    def forward(self, input: torch.Tensor, hx: tuple | None = None) -> tuple:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError("HighwayLSTM takes a padded tensor, not a PackedSequence")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
+        x = x.transpose(0, 1) if self.batch_first else x          # (T, N, D)
+        steps, n = x.shape[0], x.shape[1]
+        if hx is None:
+            h0 = c0 = x.new_zeros(self.num_layers, n, self.hidden_size)
+        else:
+            h0, c0 = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            w_ih = getattr(self, f"weight_ih_l{layer}")
+            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            xp = F.linear(x, w_ih, b_ih)                            # (T, N, 4H), all steps at once
+            s0 = torch.stack([h0[layer], c0[layer]])
+            states = apply_segment(self._segment(layer, steps), s0, xp, exact=self.exact)   # (T, 2, N, H)
+            x = states[:, 0]
+            h_n.append(states[-1, 0])
+            c_n.append(states[-1, 1])
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        out = x.transpose(0, 1) if self.batch_first else x
+        h, c = torch.stack(h_n), torch.stack(c_n)
+        if not batched:
+            out, h, c = out.squeeze(1 if not self.batch_first else 0), h.squeeze(1), c.squeeze(1)
+        return out, (h, c)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", highway_iterations={self.highway_iterations}"

@@ -6,7 +6,8 @@ Each maximal run of residual blocks with an identity skip and an unchanged shape
 (the body starts with a normalisation of x), the γ form ``(1-γ)x + (g(x) + γx)`` with K = (1-γ)I.
 Blocks with a projection or strided skip stay ordinary layers between segments: gradients cross them
 exactly, and each segment is approximated on its own. Every ``nn.GRU`` becomes a ``HighwayGRU`` (same
-parameters), one Highway layer per time step with K = diag(update gate).
+parameters), one Highway layer per time step with K = diag(update gate); every ``nn.LSTM`` a
+``HighwayLSTM`` over the state (h, c), whose K is a 2 x 2 matrix of diagonals.
 
 The forward function is unchanged (the γ form computes the same values), so the PassManager checks
 the outputs. Only the backward changes: k = ``iterations`` Highway iterations; k >= L is backprop.
@@ -28,7 +29,7 @@ class HighwayOptions:
     iterations: int = option(4, "k: Highway iterations in the backward (0: residual path only; >= layers: backprop)")
     gamma: float = option(0.2, "pre-LN blocks: share of the skip moved into the block (K = (1-gamma) I); 0: plain x + g")
     min_layers: int = option(2, "convert only residual runs with at least this many blocks")
-    gru: bool = option(True, "also unroll nn.GRU layers into one Highway layer per time step")
+    rnn: bool = option(True, "also unroll nn.GRU and nn.LSTM layers into one Highway layer per time step")
 
     def validate(self) -> None:
         if self.iterations < 0:
@@ -59,7 +60,7 @@ class Highway(Pass):
 
         from ..ir.analysis import analyse
         from ..ir.match import op_kind
-        from ..nn.highway import HighwayGRU, HighwaySegment
+        from ..nn.highway import HighwayGRU, HighwayLSTM, HighwaySegment
 
         opts = self.options
         an = analyse(gm)
@@ -98,31 +99,33 @@ class Highway(Pass):
             segments.append({"module": name, "layers": names, "kinds": kinds, "groups": groups,
                              "side_inputs": [s.name for s in sides]})
         grus = []
-        if opts.gru:
+        if opts.rnn:
             for n in list(gm.graph.nodes):
                 if n.op != "call_module":
                     continue
                 mod = gm.get_submodule(n.target)
-                if type(mod) is not nn.GRU:
-                    if op_kind(n, gm) == "lstm" or isinstance(mod, nn.LSTM):
-                        notes.append(f"{n.target}: LSTM not converted (only GRU steps are unrolled so far)")
+                kind = "GRU" if type(mod) is nn.GRU else "LSTM" if type(mod) is nn.LSTM else None
+                if kind is None:
                     continue
                 try:
-                    new_mod = HighwayGRU.from_gru(mod, opts.iterations)
+                    new_mod = (HighwayGRU.from_gru(mod, opts.iterations) if kind == "GRU"
+                               else HighwayLSTM.from_lstm(mod, opts.iterations))
                 except ValueError as e:
                     notes.append(f"{n.target}: not converted: {e}")
                     continue
                 _set_submodule(gm, n.target, new_mod)
                 steps = _steps(n, mod.batch_first)
-                grus.append({"module": n.target, "layers": mod.num_layers, "steps": steps})
-                notes.append(f"{n.target}: GRU ({mod.num_layers} layer(s)) unrolled, one Highway layer per time "
-                             f"step ({steps} at the example); residual a(h) * h + b(h), K = diag(update gate)")
+                grus.append({"module": n.target, "kind": kind, "layers": mod.num_layers, "steps": steps})
+                residual = ("a(h) * h + b(h), K = diag(update gate)" if kind == "GRU" else
+                            "on (h, c): c' = f c + i g, K = 2x2 diagonal blocks (forget gate on the cell path)")
+                notes.append(f"{n.target}: {kind} ({mod.num_layers} layer(s)) unrolled, one Highway layer per time "
+                             f"step ({steps} at the example); residual {residual}")
         for n in gm.graph.nodes:
-            if n.op == "call_function" and "gru" in str(n.target):
-                notes.append(f"'{n.name}': an exported GRU kernel ({n.target}) is not converted; trace with the fx "
-                             f"tracer to keep nn.GRU as a layer")
+            if n.op == "call_function" and ("gru" in str(n.target) or "lstm" in str(n.target)):
+                notes.append(f"'{n.name}': an exported recurrent kernel ({n.target}) is not converted; trace with "
+                             f"the fx tracer to keep nn.GRU / nn.LSTM as a layer")
         if not plans and not grus:
-            notes.append("no residual run or GRU found: nothing to convert")
+            notes.append("no residual run or recurrent layer found: nothing to convert")
         else:
             notes.append(f"backward: {opts.iterations} Highway iteration(s); a segment of L layers is exact when "
                          f"iterations >= L")

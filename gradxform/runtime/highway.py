@@ -121,6 +121,43 @@ class GateResidual(Residual):
         return "a(x) ⊙ x + b(x), K = diag(a)"
 
 
+class LSTMResidual(Residual):
+    """An LSTM step over the state ``s = (h, c)`` stacked on dimension 0, with ``z = (f, i ⊙ g, o)``:
+    ``c' = f ⊙ c + i ⊙ g``, ``h' = o ⊙ tanh(c')``. Its K is not diagonal but a 2 x 2 matrix of
+    diagonals acting on (h, c): h' does not depend on h once the gates are fixed, and
+    ``∂h'/∂c = o ⊙ tanh'(c') ⊙ f``, ``∂c'/∂c = f`` (``k`` returns it as (2, 2, ...), row = output part)."""
+
+    name = "lstm"
+    identity = False
+    matrix = True
+
+    # the state's parts are on dimension -3 of (..., 2, N, H): a group adds a leading layer dimension
+    def combine(self, x: torch.Tensor, z: Any) -> torch.Tensor:
+        f, ig, o = z
+        c = f * x.select(-3, 1) + ig
+        return torch.stack([o * torch.tanh(c), c], dim=-3)
+
+    def _dc(self, x: torch.Tensor, z: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        f, ig, o = z
+        t = torch.tanh(f * x.select(-3, 1) + ig)
+        return o * (1 - t * t), t            # ∂h'/∂c' and tanh(c')
+
+    def k(self, x: torch.Tensor, z: Any) -> torch.Tensor:
+        f = z[0]
+        dh_dc, _ = self._dc(x, z)
+        zero = torch.zeros_like(f)
+        return torch.stack([torch.stack([zero, dh_dc * f], dim=-3), torch.stack([zero, f], dim=-3)], dim=-4)
+
+    def dz(self, w: torch.Tensor, x: torch.Tensor, z: Any) -> tuple:
+        dh_dc, t = self._dc(x, z)
+        wh, wc = w.select(-3, 0), w.select(-3, 1)
+        u = wc + wh * dh_dc                   # gradient at c'
+        return (u * x.select(-3, 1), u, wh * t)
+
+    def describe(self) -> str:
+        return "h' = o tanh(f c + i g), c' = f c + i g, K = 2x2 diagonal blocks on (h, c)"
+
+
 # -- scans ------------------------------------------------------------------------------------
 
 def suffix_scan(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -145,6 +182,32 @@ def suffix_scan(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
         s, m = s_new, m_new
         d *= 2
     return s
+
+
+def matrix_suffix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``s_i = b_i + s_{i+1} A_i`` where each ``A_i`` is a P x P matrix of diagonals: ``a`` is
+    (n, P, P, ...), ``b`` (n, P, ...); row q of ``A_i`` maps the gradient of output part q to the
+    input parts. Hillis-Steele as in ``suffix_scan``: combining i with i+d applies ``A_i`` to
+    ``b_{i+d}`` and multiplies ``A_{i+d} A_i``."""
+    n = b.shape[0]
+    s, m = b.clone(), a.clone()
+    d = 1
+    while d < n:
+        head = n - d
+        s_new = s.clone()
+        s_new[:head] = s[:head] + (s[d:].unsqueeze(2) * m[:head]).sum(1)
+        m_new = m.clone()
+        m_new[:head] = (m[d:].unsqueeze(3) * m[:head].unsqueeze(1)).sum(2)
+        s, m = s_new, m_new
+        d *= 2
+    return s
+
+
+def sequential_matrix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    out = b.clone()
+    for i in range(b.shape[0] - 2, -1, -1):
+        out[i] = b[i] + (out[i + 1].unsqueeze(1) * a[i]).sum(0)
+    return out
 
 
 def sequential_scan(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -239,6 +302,7 @@ class _Rerun:
 
     def __init__(self, seg: Segment, states: torch.Tensor, step_side: torch.Tensor | None, shared: tuple):
         self.seg = seg
+        self.matrix = False
         self.x = states[:-1].detach().requires_grad_(True)
         self.step_side = step_side
         self.shared = shared
@@ -284,7 +348,14 @@ class _Rerun:
     def _stack_k(self, states: torch.Tensor) -> torch.Tensor | None:
         if all(r.identity for r in self.seg.residuals):
             return None
-        k = torch.ones_like(states)
+        self.matrix = any(getattr(r, "matrix", False) for r in self.seg.residuals)
+        if self.matrix:
+            if not all(getattr(r, "matrix", False) for r in self.seg.residuals):
+                raise ValueError("a segment mixes matrix and elementwise residuals")
+            p = states.shape[1]
+            k = torch.zeros((states.shape[0], p) + tuple(states.shape[1:]), dtype=states.dtype, device=states.device)
+        else:
+            k = torch.ones_like(states)
         with torch.no_grad():
             for gi, g in enumerate(self.seg.groups):
                 kg = g.residual.k(self._x_of(gi).detach(), _tree_map(torch.Tensor.detach, self.z[gi]))
@@ -292,9 +363,14 @@ class _Rerun:
                     continue
                 if len(g.layers) == 1:
                     k[g.layers[0]] = kg
+                elif self.matrix:
+                    k[self.idx[gi]] = kg
                 else:
                     k[self.idx[gi]] = kg.expand_as(self._x_of(gi)) if kg.dim() < self.x.dim() else kg
         return k
+
+    def scan(self, b: torch.Tensor) -> torch.Tensor:
+        return matrix_suffix_scan(self.k, b) if self.matrix else suffix_scan(self.k, b)
 
     def cotangents(self, w: torch.Tensor) -> list[torch.Tensor]:
         """``W_{i+1} ∂r_i/∂z`` for every block output, flattened in group order."""
@@ -315,14 +391,14 @@ class _Rerun:
 def highway_gradients(rerun: _Rerun, external: torch.Tensor, iterations: int) -> torch.Tensor:
     """``W`` (the gradient at every state) after ``iterations`` Highway iterations."""
     n_layers = external.shape[0] - 1
-    w = suffix_scan(rerun.k, external)
+    w = rerun.scan(external)
     outputs = rerun.outputs()
     for _ in range(min(iterations, n_layers)):
         (v,) = torch.autograd.grad(outputs, rerun.x, rerun.cotangents(w), retain_graph=True, allow_unused=True)
         b = external.clone()
         if v is not None:
             b[:-1] += v
-        w = suffix_scan(rerun.k, b)
+        w = rerun.scan(b)
     return w
 
 

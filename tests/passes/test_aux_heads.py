@@ -96,3 +96,22 @@ def test_errors():
         compile_loaded(example("mlp.py"), "split{stages=2},aux-heads{schedule=petra}")
     one = compile_loaded(example("mlp.py"), "split{stages=1},aux-heads")
     assert one.report["passes"][1]["notes"] == ["one stage: no boundary to put a head on"]
+
+
+def test_heads_survive_save_and_load(tmp_path):
+    import gradxform
+    from gradxform.compiler import compile as compile_file
+
+    from ..conftest import EXAMPLES
+
+    module = compile_file(str(EXAMPLES / "resnet.py:digits_resnet"), "dgl{stages=3}").module
+    with torch.no_grad():
+        for p in module.stages[0].aux_head.parameters():
+            p.add_(1.0)  # trained heads must come back as they were, not re-initialised
+    gradxform.save(module, tmp_path / "dgl")
+    again = gradxform.load(tmp_path / "dgl")
+    assert again.gx_schedule == "local"
+    a, b = module.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and any(".aux_head." in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

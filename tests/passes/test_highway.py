@@ -62,7 +62,7 @@ def test_second_run_changes_nothing():
     result = compile_loaded(example("vit.py"), "highway,highway")
     first, second = result.report["passes"]
     assert first["changed"] and not second["changed"]
-    assert second["notes"] == ["no residual run or GRU found: nothing to convert"]
+    assert second["notes"] == ["no residual run or recurrent layer found: nothing to convert"]
 
 
 def test_short_runs_and_options():
@@ -136,3 +136,31 @@ def test_digits_resnet_with_two_iterations_matches_backprop():
     plain, highway = accs.values()
     assert plain > 0.95
     assert highway >= plain - 0.02, accs
+
+
+class _LSTMTagger(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(16, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 10)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def test_lstm_becomes_a_highway_lstm_with_exact_gradients_at_k_equal_steps():
+    from gradxform.nn.highway import HighwayLSTM
+
+    torch.manual_seed(0)
+    model = _LSTMTagger().double()
+    x = torch.randn(4, 12, 16, dtype=torch.float64)
+    ref = torch.autograd.grad(model(x).pow(2).mean(), list(model.parameters()))
+    result = gradxform.compile(model, "highway{iterations=12}", example_inputs=(x,))
+    assert isinstance(result.lstm, HighwayLSTM)
+    notes = result.gx_report["passes"][0]["notes"]
+    assert any(n.startswith("lstm: LSTM (1 layer(s)) unrolled, one Highway layer per time step (12 at the example)")
+               for n in notes)
+    got = torch.autograd.grad(result(x).pow(2).mean(), list(result.parameters()))
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

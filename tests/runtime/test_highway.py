@@ -126,3 +126,42 @@ def test_highway_gru_gradients_equal_backprop_through_nn_gru():
     flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
     cos = torch.nn.functional.cosine_similarity(flat(ref), flat(approx), dim=0)
     assert 0.99 < cos < 1 - 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_parallel_matrix_scan_equals_the_sequential_recurrence(n, seed):
+    """The LSTM's K: 2 x 2 matrices of diagonals on (h, c)."""
+    from gradxform.runtime.highway import matrix_suffix_scan, sequential_matrix_scan
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, 2, 2, 3, 4, generator=g, dtype=torch.float64) * 1.2
+    b = torch.randn(n, 2, 3, 4, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(matrix_suffix_scan(a, b), sequential_matrix_scan(a, b), rtol=1e-12, atol=1e-12)
+
+
+def test_highway_lstm_equals_nn_lstm_forward_and_at_k_equal_steps_backward():
+    from gradxform.nn.highway import HighwayLSTM
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True).double()
+    x = torch.randn(3, 10, 6, dtype=torch.float64, requires_grad=True)
+
+    def loss(m):
+        out, (h, c) = m(x)
+        return (out ** 2).sum() + (h ** 3).sum() + c.sum()
+
+    ref = torch.autograd.grad(loss(lstm), [x, *lstm.parameters()])
+    hw = HighwayLSTM.from_lstm(lstm, iterations=10)
+    (o1, (h1, c1)), (o2, (h2, c2)) = lstm(x), hw(x)
+    for a, b in ((o1, o2), (h1, h2), (c1, c2)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(ref, torch.autograd.grad(loss(hw), [x, *hw.parameters()])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    hw.highway_iterations = 2
+    flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
+    cos = torch.nn.functional.cosine_similarity(flat(ref), flat(torch.autograd.grad(loss(hw), [x, *hw.parameters()])),
+                                                dim=0)
+    assert 0.99 < cos < 1 - 1e-12
+    unbatched = torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(hw(unbatched)[0], lstm(unbatched)[0], rtol=1e-12, atol=1e-12)
