@@ -2,7 +2,8 @@
 
 Side by side in one run, for a pre-LN transformer (24 blocks of examples/vit.py's Block over
 (N, T, D) tokens: 48 Highway layers, attention and MLP separate) and a GRU over 256 time steps
-(examples/gru.py's classifier): backprop through the original model (PyTorch's own GRU kernel),
+(examples/gru.py's classifier) and an LSTM over 256 steps: backprop through the original model
+(PyTorch's own recurrent kernels),
 autograd through the same unrolled layers (``exact``), and Highway-BP with k = 0, 1, 2, 4, 8.
 Times are medians over interleaved rounds (every variant timed in turn in each round). Cosines
 compare the k-iteration gradient of all parameters with the exact one, in float64, on one batch.
@@ -50,15 +51,26 @@ class Transformer(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(x)).mean(1)))
 
 
+class LSTMClassifier(nn.Module):
+    def __init__(self, features: int = 16, hidden: int = 128, classes: int = 10):
+        super().__init__()
+        self.lstm = nn.LSTM(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
 def cases(device: str):
     from gru import GRUClassifier
 
     torch.manual_seed(0)
-    on_gpu = device == "cuda"
-    yield ("pre-LN transformer, 24 blocks (48 Highway layers), width 128, batch 16 x 64 tokens",
-           Transformer(dim=256 if on_gpu else 128), torch.randn(16, 64, 32))
-    yield ("GRU, 256 steps, hidden 128, batch 32", GRUClassifier(features=16, hidden=256 if on_gpu else 128),
-           torch.randn(32, 256, 16))
+    w = 256 if device == "cuda" else 128   # a GPU gets wider layers: more work per step to hide
+    yield (f"pre-LN transformer, 24 blocks (48 Highway layers), width {w}, batch 16 x 64 tokens",
+           Transformer(dim=w), torch.randn(16, 64, 32))
+    yield f"GRU, 256 steps, hidden {w}, batch 32", GRUClassifier(features=16, hidden=w), torch.randn(32, 256, 16)
+    yield f"LSTM, 256 steps, hidden {w}, batch 32", LSTMClassifier(hidden=w), torch.randn(32, 256, 16)
 
 
 def _sync(device: str) -> None:
@@ -138,7 +150,7 @@ def write(results: list[dict], a: argparse.Namespace) -> None:
         f"Measured {date.today()} on {where}, torch {torch.__version__} (`python bench/bench_highway.py"
         f"{' --device ' + a.device if a.device != 'cpu' else ''}`). Median of {a.rounds} interleaved rounds after "
         "a warm-up round; speed-ups are against backprop through the original model (for the GRU: PyTorch's "
-        "own fused GRU kernel). Forward times are included in the step column; Highway-BP's forward keeps "
+        "own fused GRU / LSTM kernels). Forward times are included in the step column; Highway-BP's forward keeps "
         "only the states and its backward re-runs every block once, batched.",
         "",
         "Goal (GPU only): the GRU's training step at least 2x faster than backprop for k <= 2.",

@@ -21,6 +21,12 @@ def test_cnn_heads_on_resnet_stages_report_their_flops_share():
     heads = _heads(result.module)
     assert all(isinstance(h, AuxHead) for h in heads[:3]) and heads[3] is None   # the last stage has the model's
     assert [h.shape for h in heads[:3]] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    # golden head: 1x1 conv to the width, three stride-2 3x3 convs, pool to 2x2, linear
+    from torch.testing import FileCheck
+
+    FileCheck().check("Conv2d(64, 32, kernel_size=(1, 1)").check("BatchNorm2d(32").check("ReLU").check_count(
+        "kernel_size=(3, 3), stride=(2, 2)", 3).check("AdaptiveAvgPool2d(output_size=2)").check(
+        "Linear(in_features=128, out_features=10").run(str(heads[0]))
     rec = result.report["passes"][1]
     info = rec["info"]
     assert [h["stage"] for h in info["heads"]] == [0, 1, 2]
