@@ -130,6 +130,9 @@ class LSTMResidual(Residual):
     name = "lstm"
     identity = False
     matrix = True
+    # h' does not depend on h once the gates are fixed: K's first column is zero, and the matrix scan
+    # reduces to a diagonal scan on the cell path (see _Rerun.scan)
+    zero_first_column = True
 
     # the state's parts are on dimension -3 of (..., 2, N, H): a group adds a leading layer dimension
     def combine(self, x: torch.Tensor, z: Any) -> torch.Tensor:
@@ -200,6 +203,19 @@ def matrix_suffix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         m_new[:head] = (m[d:].unsqueeze(3) * m[:head].unsqueeze(1)).sum(2)
         s, m = s_new, m_new
         d *= 2
+    return s
+
+
+def reduced_matrix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``matrix_suffix_scan`` for 2 x 2 matrices whose first column is zero (an LSTM's K on (h, c)).
+
+    Then ``s_i.h = b_i.h`` and ``s_i.c = b_i.c + b_{i+1}.h a_i[h, c] + s_{i+1}.c a_i[c, c]``: one
+    diagonal scan on the cell part, with the h parts folded into its inputs.
+    """
+    s = b.clone()
+    bc = b[:, 1].clone()
+    bc[:-1] += b[1:, 0] * a[:-1, 0, 1]
+    s[:, 1] = suffix_scan(a[:, 1, 1], bc)
     return s
 
 
@@ -370,7 +386,11 @@ class _Rerun:
         return k
 
     def scan(self, b: torch.Tensor) -> torch.Tensor:
-        return matrix_suffix_scan(self.k, b) if self.matrix else suffix_scan(self.k, b)
+        if not self.matrix:
+            return suffix_scan(self.k, b)
+        if all(getattr(r, "zero_first_column", False) for r in self.seg.residuals):
+            return reduced_matrix_scan(self.k, b)
+        return matrix_suffix_scan(self.k, b)
 
     def cotangents(self, w: torch.Tensor) -> list[torch.Tensor]:
         """``W_{i+1} ∂r_i/∂z`` for every block output, flattened in group order."""

@@ -138,6 +138,11 @@ def test_parallel_matrix_scan_equals_the_sequential_recurrence(n, seed):
     a = torch.rand(n, 2, 2, 3, 4, generator=g, dtype=torch.float64) * 1.2
     b = torch.randn(n, 2, 3, 4, generator=g, dtype=torch.float64)
     torch.testing.assert_close(matrix_suffix_scan(a, b), sequential_matrix_scan(a, b), rtol=1e-12, atol=1e-12)
+    # with a zero first column (an LSTM's K) the scan reduces to a diagonal one on the cell part
+    from gradxform.runtime.highway import reduced_matrix_scan
+
+    a[:, :, 0] = 0
+    torch.testing.assert_close(reduced_matrix_scan(a, b), sequential_matrix_scan(a, b), rtol=1e-12, atol=1e-12)
 
 
 def test_highway_lstm_equals_nn_lstm_forward_and_at_k_equal_steps_backward():
