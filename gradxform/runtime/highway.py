@@ -517,5 +517,6 @@ def gradient_cosines(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tens
     out = {}
     for k in ks:
         g = grads(k)
-        out[k] = float(torch.nn.functional.cosine_similarity(g, true, dim=0, eps=1e-30))
+        # in float64 whatever the model's precision: a float32 cosine of long vectors can exceed 1
+        out[k] = float(torch.nn.functional.cosine_similarity(g.double(), true.double(), dim=0, eps=1e-300))
     return out
