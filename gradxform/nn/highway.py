@@ -12,7 +12,7 @@ through the same layers (the reference the tests compare against).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -124,6 +124,69 @@ class HighwaySegment(nn.Module):
         return [b.block if isinstance(b, _GammaBlock) else b for b in self.blocks]
 
 
+class _HighwayRNN:
+    """What HighwayGRU and HighwayLSTM share: adopting an existing layer's parameters, one Highway
+    segment per stacked layer over the time steps, and PyTorch's input layouts."""
+
+    gates: Callable[..., tuple]            # (state, input projection, w_hh, b_hh) -> z
+    residual: type[Residual]
+
+    @classmethod
+    def adopt(cls, rnn: nn.RNNBase, iterations: int) -> Any:
+        kind = type(rnn).__name__
+        if rnn.bidirectional:
+            raise ValueError(f"bidirectional {kind}")
+        if getattr(rnn, "proj_size", 0):
+            raise ValueError(f"{kind} with proj_size")
+        new = cls.__new__(cls)
+        new.__dict__.update(rnn.__dict__)   # shares the parameters and the state-dict keys
+        new.highway_iterations = iterations
+        new.exact = False
+        return new
+
+    def _segment(self, layer: int, steps: int) -> Segment:
+        w_hh = getattr(self, f"weight_hh_l{layer}")
+        b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
+        gates = type(self).gates
+
+        def step(state: torch.Tensor, xp: torch.Tensor) -> tuple:
+            return gates(state, xp, w_hh, b_hh)
+
+        residual = self.residual()
+        params = [w_hh] + ([b_hh] if b_hh is not None else [])
+        return Segment([step] * steps, [residual] * steps, [Group(list(range(steps)), residual, fn=step)],
+                       params, self.highway_iterations)
+
+    def _time_major(self, input: Any) -> tuple[torch.Tensor, bool]:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} takes a padded tensor, not a PackedSequence")
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
+        return (x.transpose(0, 1) if self.batch_first else x), batched    # (T, N, D)
+
+    def _run_layers(self, x: torch.Tensor, initial: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """Every stacked layer over the (T, N, D) sequence from its initial state; returns the last
+        layer's states (T, ...) and each layer's final state."""
+        finals = []
+        for layer in range(self.num_layers):
+            w_ih = getattr(self, f"weight_ih_l{layer}")
+            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            xp = F.linear(x, w_ih, b_ih)                            # all steps' input projections at once
+            states = apply_segment(self._segment(layer, x.shape[0]), initial[layer], xp, exact=self.exact)
+            finals.append(states[-1])
+            x = self._output(states)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        return x, finals
+
+    def _batch_out(self, out: torch.Tensor, batched: bool) -> torch.Tensor:
+        out = out.transpose(0, 1) if self.batch_first else out
+        return out if batched else out.squeeze(1 if not self.batch_first else 0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", highway_iterations={self.highway_iterations}"
+
+
 def gru_gates(h: torch.Tensor, xp: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> tuple:
     """One GRU step as ``(a, b)`` with ``h' = a ⊙ h + b`` (PyTorch's gate order r, z, n)."""
     hp = F.linear(h, w_hh, b_hh)
@@ -135,66 +198,33 @@ def gru_gates(h: torch.Tensor, xp: torch.Tensor, w_hh: torch.Tensor, b_hh: torch
     return u, (1 - u) * n
 
 
-class HighwayGRU(nn.GRU):
+class HighwayGRU(_HighwayRNN, nn.GRU):
     """An ``nn.GRU`` trained with Highway-BP over its time steps (same parameters and state dict).
 
     The input projections of all steps are computed at once outside the segment (they are not on
-    the recurrent path); each step's recurrent part is one Highway layer. Dropout between stacked
-    layers is applied between their segments.
+    the recurrent path); each step's recurrent part is one Highway layer with K = diag(update gate).
+    Dropout between stacked layers is applied between their segments.
     """
+
+    gates = staticmethod(gru_gates)
+    residual = GateResidual
 
     @classmethod
     def from_gru(cls, gru: nn.GRU, iterations: int) -> "HighwayGRU":
-        if gru.bidirectional:
-            raise ValueError("bidirectional GRU")
-        if getattr(gru, "proj_size", 0):
-            raise ValueError("GRU with proj_size")
-        new = cls.__new__(cls)
-        new.__dict__.update(gru.__dict__)   # shares the parameters
-        new.highway_iterations = iterations
-        new.exact = False
-        return new
+        return cls.adopt(gru, iterations)
 
-    def _segment(self, layer: int, steps: int) -> Segment:
-        w_hh = getattr(self, f"weight_hh_l{layer}")
-        b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
-
-        def step(h: torch.Tensor, xp: torch.Tensor) -> tuple:
-            return gru_gates(h, xp, w_hh, b_hh)
-
-        residual = GateResidual()
-        params = [w_hh] + ([b_hh] if b_hh is not None else [])
-        return Segment([step] * steps, [residual] * steps, [Group(list(range(steps)), residual, fn=step)],
-                       params, self.highway_iterations)
+    def _output(self, states: torch.Tensor) -> torch.Tensor:
+        return states
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError("HighwayGRU takes a padded tensor, not a PackedSequence")
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
-        x = x.transpose(0, 1) if self.batch_first else x          # (T, N, D)
-        steps, n = x.shape[0], x.shape[1]
+        x, batched = self._time_major(input)
         if hx is None:
-            hx = x.new_zeros(self.num_layers, n, self.hidden_size)
+            hx = x.new_zeros(self.num_layers, x.shape[1], self.hidden_size)
         elif not batched:
             hx = hx.unsqueeze(1)
-        finals = []
-        for layer in range(self.num_layers):
-            w_ih = getattr(self, f"weight_ih_l{layer}")
-            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            xp = F.linear(x, w_ih, b_ih)                            # (T, N, 3H), all steps at once
-            x = apply_segment(self._segment(layer, steps), hx[layer], xp, exact=self.exact)
-            finals.append(x[-1])
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        out = x.transpose(0, 1) if self.batch_first else x
+        out, finals = self._run_layers(x, list(hx))
         h_n = torch.stack(finals)
-        if not batched:
-            out, h_n = out.squeeze(1 if not self.batch_first else 0), h_n.squeeze(1)
-        return out, h_n
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", highway_iterations={self.highway_iterations}"
+        return self._batch_out(out, batched), (h_n if batched else h_n.squeeze(1))
 
 
 def lstm_gates(s: torch.Tensor, xp: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None) -> tuple:
@@ -204,65 +234,31 @@ def lstm_gates(s: torch.Tensor, xp: torch.Tensor, w_hh: torch.Tensor, b_hh: torc
     return torch.sigmoid(f), torch.sigmoid(i) * torch.tanh(g), torch.sigmoid(o)
 
 
-class HighwayLSTM(nn.LSTM):
+class HighwayLSTM(_HighwayRNN, nn.LSTM):
     """An ``nn.LSTM`` trained with Highway-BP over its time steps (same parameters and state dict).
 
     The Highway state of a step is ``(h, c)`` stacked; its K is a 2 x 2 matrix of diagonals (the
     cell path ``∂c'/∂c = f`` and ``∂h'/∂c``), scanned like a diagonal one.
     """
 
+    gates = staticmethod(lstm_gates)
+    residual = LSTMResidual
+
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM, iterations: int) -> "HighwayLSTM":
-        if lstm.bidirectional:
-            raise ValueError("bidirectional LSTM")
-        if getattr(lstm, "proj_size", 0):
-            raise ValueError("LSTM with proj_size")
-        new = cls.__new__(cls)
-        new.__dict__.update(lstm.__dict__)   # shares the parameters
-        new.highway_iterations = iterations
-        new.exact = False
-        return new
+        return cls.adopt(lstm, iterations)
 
-    def _segment(self, layer: int, steps: int) -> Segment:
-        w_hh = getattr(self, f"weight_hh_l{layer}")
-        b_hh = getattr(self, f"bias_hh_l{layer}") if self.bias else None
-
-        def step(s: torch.Tensor, xp: torch.Tensor) -> tuple:
-            return lstm_gates(s, xp, w_hh, b_hh)
-
-        residual = LSTMResidual()
-        params = [w_hh] + ([b_hh] if b_hh is not None else [])
-        return Segment([step] * steps, [residual] * steps, [Group(list(range(steps)), residual, fn=step)],
-                       params, self.highway_iterations)
+    def _output(self, states: torch.Tensor) -> torch.Tensor:
+        return states[:, 0]
 
     def forward(self, input: torch.Tensor, hx: tuple | None = None) -> tuple:
-        if not isinstance(input, torch.Tensor):
-            raise TypeError("HighwayLSTM takes a padded tensor, not a PackedSequence")
-        batched = input.dim() == 3
-        x = input if batched else input.unsqueeze(1 if not self.batch_first else 0)
-        x = x.transpose(0, 1) if self.batch_first else x          # (T, N, D)
-        steps, n = x.shape[0], x.shape[1]
+        x, batched = self._time_major(input)
         if hx is None:
-            h0 = c0 = x.new_zeros(self.num_layers, n, self.hidden_size)
+            h0 = c0 = x.new_zeros(self.num_layers, x.shape[1], self.hidden_size)
         else:
             h0, c0 = hx if batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            w_ih = getattr(self, f"weight_ih_l{layer}")
-            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            xp = F.linear(x, w_ih, b_ih)                            # (T, N, 4H), all steps at once
-            s0 = torch.stack([h0[layer], c0[layer]])
-            states = apply_segment(self._segment(layer, steps), s0, xp, exact=self.exact)   # (T, 2, N, H)
-            x = states[:, 0]
-            h_n.append(states[-1, 0])
-            c_n.append(states[-1, 1])
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                x = F.dropout(x, self.dropout, True)
-        out = x.transpose(0, 1) if self.batch_first else x
-        h, c = torch.stack(h_n), torch.stack(c_n)
+        out, finals = self._run_layers(x, [torch.stack([h, c]) for h, c in zip(h0, c0)])
+        h, c = torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals])
         if not batched:
-            out, h, c = out.squeeze(1 if not self.batch_first else 0), h.squeeze(1), c.squeeze(1)
-        return out, (h, c)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", highway_iterations={self.highway_iterations}"
+            h, c = h.squeeze(1), c.squeeze(1)
+        return self._batch_out(out, batched), (h, c)
