@@ -337,9 +337,14 @@ def describe_pass(name: str) -> dict[str, Any]:
     load_builtin_passes()
     if name in COMPOSITES:
         comp = COMPOSITES[name]
-        return {"name": name, "summary": comp.summary, "composite": comp.expansion,
-                "options": [{"name": k, "type": "", "default": "", "doc": f"forwarded to '{v}'"}
-                            for k, v in comp.routes.items()]}
+        preset = {item.name: item.options for item in parse_pipeline(comp.expansion)}
+        opts = []
+        for k, target in comp.routes.items():
+            part = next(o for o in describe_pass(target)["options"] if o["name"] == k)
+            default = ",".join(preset.get(target, {}).get(k, [])) or part["default"]
+            opts.append({"name": k, "type": part["type"], "default": default,
+                         "doc": f"{part['doc']} (forwarded to '{target}')"})
+        return {"name": name, "summary": comp.summary, "composite": comp.expansion, "options": opts}
     if name not in PASSES:
         raise PipelineError(f"unknown pass '{name}'", hint=did_you_mean(name, _all_names()))
     cls = PASSES[name]

@@ -94,6 +94,12 @@ def test_describe_lists_options_with_types_and_docs():
     assert opts["stages"]["type"] == "int" and opts["stages"]["default"] == "2"
     assert opts["balance"]["type"] == "flops|params|layers|time"
     assert all(o["doc"] for o in d["options"])
+    # a composite shows the forwarded option's type, its own preset default and the part's doc
+    dgl = {o["name"]: o for o in describe_pass("dgl")["options"]}
+    assert dgl["stages"] == {"name": "stages", "type": "int", "default": "2",
+                             "doc": "number of pipeline stages (forwarded to 'split')"}
+    assert dgl["head"]["type"] == "linear|mlp-sr|cnn" and dgl["head"]["default"] == "cnn"
+    assert {o["name"]: o["default"] for o in describe_pass("petra")["options"]}["stages"] == "4"
 
 
 def test_composites_expand_and_route_options():
