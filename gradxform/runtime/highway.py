@@ -131,7 +131,7 @@ class LSTMResidual(Residual):
     identity = False
     matrix = True
     # h' does not depend on h once the gates are fixed: K's first column is zero, and the matrix scan
-    # reduces to a diagonal scan on the cell path (see _Rerun.scan)
+    # reduces to a diagonal scan on the cell path (reduced_matrix_scan)
     zero_first_column = True
 
     # the state's parts are on dimension -3 of (..., 2, N, H): a group adds a leading layer dimension
@@ -163,47 +163,43 @@ class LSTMResidual(Residual):
 
 # -- scans ------------------------------------------------------------------------------------
 
-def suffix_scan(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    """``s_i = b_i + a_i s_{i+1}`` with ``s_{n-1} = b_{n-1}``, along dimension 0.
-
-    ``a`` is ``None`` for the identity (a reversed cumulative sum), else broadcastable to ``b``
-    (``a_{n-1}`` is never read). Runs in ceil(log2 n) vectorised rounds (Hillis-Steele): after the
-    round with stride d, element i holds the affine map covering i .. i+2d-1.
-    """
+def _reverse_hillis_steele(a: torch.Tensor, b: torch.Tensor, apply: Callable, compose: Callable) -> torch.Tensor:
+    """``s_i = b_i + apply(s_{i+1}, a_i)`` with ``s_{n-1} = b_{n-1}``, in ceil(log2 n) vectorised rounds:
+    after the round with stride d, element i holds the affine map covering i .. i+2d-1. Combining i
+    with i+d adds ``apply(b_{i+d}, a_i)`` and composes ``compose(a_i, a_{i+d})``."""
     n = b.shape[0]
-    if a is None:
-        return b.flip(0).cumsum(0).flip(0)
-    a = a.expand_as(b) if a.dim() == b.dim() else a.reshape(a.shape + (1,) * (b.dim() - a.dim())).expand_as(b)
     s, m = b.clone(), a.clone()
     d = 1
     while d < n:
         head = n - d
         s_new = s.clone()
-        s_new[:head] = s[:head] + m[:head] * s[d:]
+        s_new[:head] = s[:head] + apply(s[d:], m[:head])
         m_new = m.clone()
-        m_new[:head] = m[:head] * m[d:]
+        m_new[:head] = compose(m[:head], m[d:])
         s, m = s_new, m_new
         d *= 2
     return s
+
+
+def suffix_scan(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """``s_i = b_i + a_i s_{i+1}`` with ``s_{n-1} = b_{n-1}``, along dimension 0.
+
+    ``a`` is ``None`` for the identity (a reversed cumulative sum), else broadcastable to ``b``
+    (``a_{n-1}`` is never read); elementwise maps commute, so composing is a product.
+    """
+    if a is None:
+        return b.flip(0).cumsum(0).flip(0)
+    a = a.expand_as(b) if a.dim() == b.dim() else a.reshape(a.shape + (1,) * (b.dim() - a.dim())).expand_as(b)
+    return _reverse_hillis_steele(a, b, torch.mul, torch.mul)
 
 
 def matrix_suffix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``s_i = b_i + s_{i+1} A_i`` where each ``A_i`` is a P x P matrix of diagonals: ``a`` is
     (n, P, P, ...), ``b`` (n, P, ...); row q of ``A_i`` maps the gradient of output part q to the
-    input parts. Hillis-Steele as in ``suffix_scan``: combining i with i+d applies ``A_i`` to
-    ``b_{i+d}`` and multiplies ``A_{i+d} A_i``."""
-    n = b.shape[0]
-    s, m = b.clone(), a.clone()
-    d = 1
-    while d < n:
-        head = n - d
-        s_new = s.clone()
-        s_new[:head] = s[:head] + (s[d:].unsqueeze(2) * m[:head]).sum(1)
-        m_new = m.clone()
-        m_new[:head] = (m[d:].unsqueeze(3) * m[:head].unsqueeze(1)).sum(2)
-        s, m = s_new, m_new
-        d *= 2
-    return s
+    input parts. The same scan as ``suffix_scan`` with row-vector-times-matrix for ``apply`` and the
+    product ``A_{i+d} A_i`` for ``compose``."""
+    return _reverse_hillis_steele(a, b, lambda v, m: (v.unsqueeze(2) * m).sum(1),
+                                  lambda m, later: (later.unsqueeze(3) * m.unsqueeze(1)).sum(2))
 
 
 def reduced_matrix_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -318,7 +314,6 @@ class _Rerun:
 
     def __init__(self, seg: Segment, states: torch.Tensor, step_side: torch.Tensor | None, shared: tuple):
         self.seg = seg
-        self.matrix = False
         self.x = states[:-1].detach().requires_grad_(True)
         self.step_side = step_side
         self.shared = shared
@@ -328,8 +323,22 @@ class _Rerun:
         with torch.enable_grad(), batch_statistics_only(seg.modules), _math_attention():
             for g in seg.groups:
                 self.z.append(self._run(g))
+        # every iteration reads each group's inputs and outputs without their graph: take them once
+        self.x_const = [self.x[g.layers[0]].detach() if len(g.layers) == 1 else self.x.index_select(0, idx).detach()
+                        for g, idx in zip(seg.groups, self.idx)]
+        self.z_const = [_tree_map(torch.Tensor.detach, z) for z in self.z]
+        matrix = [getattr(r, "matrix", False) for r in seg.residuals]
+        if any(matrix) and not all(matrix):
+            raise ValueError("a segment mixes matrix and elementwise residuals")
+        self.matrix = all(matrix) and bool(matrix)
         # K of every layer, as one tensor per state (None where all are the identity)
         self.k = self._stack_k(states)
+        if not self.matrix:
+            self.scan = lambda b: suffix_scan(self.k, b)
+        elif all(getattr(r, "zero_first_column", False) for r in seg.residuals):
+            self.scan = lambda b: reduced_matrix_scan(self.k, b)
+        else:
+            self.scan = lambda b: matrix_suffix_scan(self.k, b)
 
     def _run(self, g: Group) -> Any:
         dev = self.x.device
@@ -357,24 +366,17 @@ class _Rerun:
 
         return torch.func.vmap(one, in_dims=(0, 0) + (0,) * n_side)(stacked, xs, *side)
 
-    def _x_of(self, gi: int) -> torch.Tensor:
-        g = self.seg.groups[gi]
-        return self.x[g.layers[0]] if len(g.layers) == 1 else self.x.index_select(0, self.idx[gi])
-
     def _stack_k(self, states: torch.Tensor) -> torch.Tensor | None:
         if all(r.identity for r in self.seg.residuals):
             return None
-        self.matrix = any(getattr(r, "matrix", False) for r in self.seg.residuals)
         if self.matrix:
-            if not all(getattr(r, "matrix", False) for r in self.seg.residuals):
-                raise ValueError("a segment mixes matrix and elementwise residuals")
             p = states.shape[1]
             k = torch.zeros((states.shape[0], p) + tuple(states.shape[1:]), dtype=states.dtype, device=states.device)
         else:
             k = torch.ones_like(states)
         with torch.no_grad():
             for gi, g in enumerate(self.seg.groups):
-                kg = g.residual.k(self._x_of(gi).detach(), _tree_map(torch.Tensor.detach, self.z[gi]))
+                kg = g.residual.k(self.x_const[gi], self.z_const[gi])
                 if kg is None:
                     continue
                 if len(g.layers) == 1:
@@ -382,15 +384,8 @@ class _Rerun:
                 elif self.matrix:
                     k[self.idx[gi]] = kg
                 else:
-                    k[self.idx[gi]] = kg.expand_as(self._x_of(gi)) if kg.dim() < self.x.dim() else kg
+                    k[self.idx[gi]] = kg.expand_as(self.x_const[gi]) if kg.dim() < self.x.dim() else kg
         return k
-
-    def scan(self, b: torch.Tensor) -> torch.Tensor:
-        if not self.matrix:
-            return suffix_scan(self.k, b)
-        if all(getattr(r, "zero_first_column", False) for r in self.seg.residuals):
-            return reduced_matrix_scan(self.k, b)
-        return matrix_suffix_scan(self.k, b)
 
     def cotangents(self, w: torch.Tensor) -> list[torch.Tensor]:
         """``W_{i+1} ∂r_i/∂z`` for every block output, flattened in group order."""
@@ -400,8 +395,7 @@ class _Rerun:
                 wg = w[g.layers[0] + 1]
             else:
                 wg = w.index_select(0, self.idx[gi] + 1)
-            z = _tree_map(torch.Tensor.detach, self.z[gi])
-            out.extend(_flatten(g.residual.dz(wg, self._x_of(gi).detach(), z)))
+            out.extend(_flatten(g.residual.dz(wg, self.x_const[gi], self.z_const[gi])))
         return out
 
     def outputs(self) -> list[torch.Tensor]:
