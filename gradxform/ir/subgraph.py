@@ -15,6 +15,12 @@ import torch
 import torch.fx as fx
 
 
+def replace_module(root: torch.nn.Module, path: str, new: torch.nn.Module) -> None:
+    """Put ``new`` at the dotted ``path`` of ``root``'s module tree (a layer a ``call_module`` node calls)."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, new)
+
+
 def arg_lookup(graph: fx.Graph, env: dict[fx.Node, Any],
                size_source: Callable[[fx.Node], list[tuple[fx.Node, int]] | None],
                exported: bool, where: str) -> Callable[[fx.Node], Any]:

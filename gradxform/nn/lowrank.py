@@ -181,11 +181,6 @@ def truncate(layer: USVLinear, optimizer: torch.optim.Optimizer | None, cutoff: 
     return keep
 
 
-def replace_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
-
-
 def factored(module: Any) -> bool:
     return isinstance(module, (LowRankLinear, LowRankConv2d, USVLinear))
 

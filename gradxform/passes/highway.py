@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Pass, PassResult, option, register
-from .reversible import _ordered_union, extract_runs, replace_chain
+from .reversible import _ordered_union, drop_unused_attrs, extract_runs, install
 
 _PRE_NORMS = ("layer_norm", "group_norm")
 
@@ -60,6 +60,7 @@ class Highway(Pass):
 
         from ..ir.analysis import analyse
         from ..ir.match import op_kind
+        from ..ir.subgraph import replace_module
         from ..nn.highway import HighwayGRU, HighwayLSTM, HighwaySegment
 
         opts = self.options
@@ -84,14 +85,9 @@ class Highway(Pass):
             nodes = [n for b, _ in run for n in b.nodes]
             plans.append((run[0][0].entry, run[-1][0].exit, nodes, f"highway{existing + len(plans)}", module,
                           sides, names, kinds))
-        renamed: dict = {}
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         segments = []
-        for entry, exit_node, nodes, name, module, sides, names, kinds in sorted(plans, key=lambda p: order[p[1]]):
-            gm.add_submodule(name, module)
-            new = replace_chain(gm, renamed.get(entry, entry), exit_node, nodes, name,
-                                [renamed.get(s, s) for s in sides])
-            renamed[exit_node] = new
+        for i in install(gm, plans):
+            _, _, _, name, module, sides, names, kinds = plans[i]
             groups = [len(g) for g in module.group_layers]
             residual = _describe_kinds(kinds, opts.gamma)
             notes.append(f"{name}: {len(names)} layers {names[0]} .. {names[-1]}; residual {residual}; "
@@ -113,13 +109,11 @@ class Highway(Pass):
                 except ValueError as e:
                     notes.append(f"{n.target}: not converted: {e}")
                     continue
-                _set_submodule(gm, n.target, new_mod)
+                replace_module(gm, n.target, new_mod)
                 steps = _steps(n, mod.batch_first)
                 grus.append({"module": n.target, "kind": kind, "layers": mod.num_layers, "steps": steps})
-                residual = ("a(h) * h + b(h), K = diag(update gate)" if kind == "GRU" else
-                            "on (h, c): c' = f c + i g, K = 2x2 diagonal blocks (forget gate on the cell path)")
                 notes.append(f"{n.target}: {kind} ({mod.num_layers} layer(s)) unrolled, one Highway layer per time "
-                             f"step ({steps} at the example); residual {residual}")
+                             f"step ({steps} at the example); residual {new_mod.residual().describe()}")
         for n in gm.graph.nodes:
             if n.op == "call_function" and ("gru" in str(n.target) or "lstm" in str(n.target)):
                 notes.append(f"'{n.name}': an exported recurrent kernel ({n.target}) is not converted; trace with "
@@ -131,9 +125,7 @@ class Highway(Pass):
                          f"iterations >= L")
         changed = bool(plans or grus)
         if plans:
-            for n in list(gm.graph.nodes):
-                if n.op == "get_attr" and not n.users:
-                    gm.graph.erase_node(n)
+            drop_unused_attrs(gm)
         if changed:
             gm.recompile()
         return PassResult(gm, changed, notes, {"segments": segments, "grus": grus, "iterations": opts.iterations})
@@ -165,19 +157,13 @@ def _steps(node: Any, batch_first: bool) -> Any:
     return concrete(val.shape[1] if batch_first and val.dim() == 3 else val.shape[0])
 
 
-def _set_submodule(gm: Any, target: str, module: Any) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, leaf, module)
-
-
 def canonical(g: Any) -> Any:
     """The same GraphModule with its layers and attributes renamed ``l0, l1, ...`` in order of use,
     so that identical blocks have identical code and parameter names (and can be stacked)."""
     import operator
 
-    import torch.fx as fx
-
     import torch
+    import torch.fx as fx
 
     root: dict[str, Any] = {}
     rename: dict[str, str] = {}

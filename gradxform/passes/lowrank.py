@@ -141,7 +141,7 @@ class LowRank(Pass):
 
     @staticmethod
     def _install(gm: Any, node: Any, new: Any, count: int) -> None:
-        from ..nn.lowrank import replace_module
+        from ..ir.subgraph import replace_module
 
         if node.op == "call_module":
             replace_module(gm, str(node.target), new)

@@ -96,13 +96,8 @@ class Reversible(Pass):
                               {"kind": "stored", "blocks": [b.id], "before": sum((costs[n].act_bytes
                                                                                   for n in b.nodes), 0),
                                "after": tensor_bytes(b.entry)}))
-        renamed: dict = {}
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        for entry, exit_node, nodes, name, module, sides, rec in sorted(plans, key=lambda p: order[p[1]]):
-            gm.add_submodule(name, module)
-            new = replace_chain(gm, renamed.get(entry, entry), exit_node, nodes, name,
-                                [renamed.get(s, s) for s in sides])
-            renamed[exit_node] = new
+        for i in install(gm, plans):
+            _, _, _, name, _, sides, rec = plans[i]
             rec["module"], rec["side_inputs"] = name, [s.name for s in sides]
         converted = [p[6] for p in plans if p[6]["kind"] == "chain"]
         stored = [p[6] for p in plans if p[6]["kind"] == "stored"]
@@ -116,7 +111,7 @@ class Reversible(Pass):
                          f"{a_v / 2**20:.2f} MiB at the example (symbolic: {rec['before']} -> {rec['after']})")
             rec["before"], rec["after"] = str(rec["before"]), str(rec["after"])
         if plans:
-            _drop_unused_attrs(gm)
+            drop_unused_attrs(gm)
             total_acts = evaluate(sum((c.act_bytes for c in costs.values()), 0), values)
             notes.append(f"predicted activation memory of the whole model: {total_acts / 2**20:.2f} MiB -> "
                          f"{(total_acts - before + after) / 2**20:.2f} MiB (cost model: bytes of every "
@@ -260,6 +255,22 @@ def _mutates(node: Any, gm: Any) -> bool:
     return False
 
 
+def install(gm: Any, plans: list) -> list[int]:
+    """Put each plan ``(entry, exit, nodes, name, module, sides, ...)`` in the graph, in graph order,
+    as ``call_module(name, (entry, *sides))`` in place of its nodes; returns the plans' indices in
+    that order. Build every module before calling it: an entry (or side input) may be the exit of a
+    run replaced before it, and is followed to its replacement."""
+    renamed: dict = {}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    done = sorted(range(len(plans)), key=lambda i: order[plans[i][1]])
+    for i in done:
+        entry, exit_node, nodes, name, module, sides = plans[i][:6]
+        gm.add_submodule(name, module)
+        renamed[exit_node] = replace_chain(gm, renamed.get(entry, entry), exit_node, nodes, name,
+                                           [renamed.get(s, s) for s in sides])
+    return done
+
+
 def replace_chain(gm: Any, entry: Any, exit_node: Any, nodes: list, name: str, sides: list) -> Any:
     """Put ``call_module(name, (entry, *sides))`` in place of the chain's nodes."""
     graph = gm.graph
@@ -281,7 +292,7 @@ def tensor_bytes(node: Any) -> Any:
     return named(analysis.tensor_bytes(node), node.graph.owning_module)
 
 
-def _drop_unused_attrs(gm: Any) -> None:
+def drop_unused_attrs(gm: Any) -> None:
     for n in list(gm.graph.nodes):
         if n.op == "get_attr" and not n.users:
             gm.graph.erase_node(n)
