@@ -176,10 +176,7 @@ class StageExecutor:
             with torch.enable_grad(), _counting(keep):
                 out = self._call(inputs, weights)
                 if self.last:
-                    loss = self.loss_fn(out, target)
-                    self._check(loss, "loss")
-                    self.stats.losses.append(float(loss.detach()))
-                    out = loss
+                    out = self._model_loss(out, target)
             keep.inputs, keep.outputs = inputs, out
         else:
             with torch.no_grad():
@@ -241,11 +238,19 @@ class StageExecutor:
         return grads_in, recon
 
     # -- local learning ---------------------------------------------------------------------------
-    def _head_loss(self, out: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The auxiliary head's loss on a detached copy of its input, and that input (whose grad is
-        the local guess). The head's own parameters get their exact local gradient."""
+    def _model_loss(self, out: Any, target: Any) -> torch.Tensor:
+        """The last stage's loss, checked and recorded."""
+        loss = self.loss_fn(out, target)
+        self._check(loss, "loss")
+        self.stats.losses.append(float(loss.detach()))
+        return loss
+
+    def _head_loss(self, out: Any, target: Any, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The auxiliary head's loss (checked and recorded) and the head's input: the stage output
+        itself (local: the loss trains the stage), or with ``detach`` a copy whose grad is the local
+        guess (forward-grad: the loss trains the head alone)."""
         h = _as_tuple(out)[self.head.output_index]
-        h_in = h.detach().requires_grad_(True)
+        h_in = h.detach().requires_grad_(True) if detach else h
         loss = self.loss_fn(self.head(h_in), target)
         self._check(loss, "auxiliary loss")
         self.stats.local_losses.append(float(loss.detach()))
@@ -256,10 +261,7 @@ class StageExecutor:
         inputs = _detach_tree(inputs, grad=False)
         with torch.enable_grad(), _counting(keep):
             out = self.module(*inputs)
-            h = _as_tuple(out)[self.head.output_index]
-            loss = self.loss_fn(self.head(h), target)
-        self._check(loss, "auxiliary loss")
-        self.stats.local_losses.append(float(loss.detach()))
+            loss, _ = self._head_loss(out, target, detach=False)
         keep.outputs = loss
         self.kept[mb] = keep
         self._note_step(keep)
@@ -276,9 +278,7 @@ class StageExecutor:
         with torch.enable_grad(), _counting(keep):
             out = self.module(*x)
             if self.last:
-                loss = self.loss_fn(out, target)
-                self._check(loss, "loss")
-                self.stats.losses.append(float(loss.detach()))
+                loss = self._model_loss(out, target)
         if self.last:
             with forward_mode_safe(self.module):
                 d = push(lambda *a: per_sample_losses(self.module(*a), target), primals, tangents, where,
@@ -293,7 +293,7 @@ class StageExecutor:
         h = outs[index]
         guess = None
         if self.guess == "local":
-            loss, h_in = self._head_loss(out, target)
+            loss, h_in = self._head_loss(out, target, detach=True)
             with torch.enable_grad():
                 loss.backward()  # the head's parameters train on their own loss; h_in.grad is the guess
             guess = h_in.grad
