@@ -97,14 +97,9 @@ class AuxHeads(Pass):
             targets.append((j, stage, index, tuple(_concrete(s) for s in val.shape[1:])))
 
         def build_all(width: int) -> list:
-            built = []
-            for j, stage, index, shape in targets:
-                try:
-                    body = build_head(opts.head, shape, classes, width, per_token)
-                except ValueError as e:
-                    raise PipelineError(f"aux-heads: stage {j}: {e}", hint="use head=linear") from None
-                built.append((body, head_flops(body, shape, batch)))
-            return built
+            # every head input has 1 to 3 per-sample dimensions (_head_input), which build_head covers
+            bodies = [build_head(opts.head, shape, classes, width, per_token) for _, _, _, shape in targets]
+            return [(body, head_flops(body, shape, batch)) for body, (_, _, _, shape) in zip(bodies, targets)]
 
         # width 0: the widest of 32, 16, 8 whose heads stay under 10% of the model's FLOPs (the
         # reference papers' budget; Fournier et al. use 32 for 8 modules, 16 for 16)
