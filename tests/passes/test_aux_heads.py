@@ -121,3 +121,26 @@ def test_heads_survive_save_and_load(tmp_path):
     assert a.keys() == b.keys() and any(".aux_head." in k for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+class _Predicts(torch.nn.Module):
+    """Returns class indices, not scores: there is no prediction tensor a head could learn."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x))).argmax(-1)
+
+
+def test_option_and_shape_errors():
+    import gradxform
+
+    with pytest.raises(PipelineError, match="cannot find the model's prediction tensor"):
+        gradxform.compile(_Predicts(), "split{stages=2},aux-heads", example_inputs=(torch.randn(4, 8),), check=False)
+    with pytest.raises(PipelineError, match="width must be 0 .automatic. or positive, got -1"):
+        compile_loaded(example("mlp.py"), "split{stages=2},aux-heads{width=-1}")
+    with pytest.raises(ValueError, match="unknown head 'deep'; known: linear, mlp-sr, cnn"):
+        build_head("deep", (8,), 10)

@@ -173,3 +173,22 @@ def test_lstm_becomes_a_highway_lstm_with_exact_gradients_at_k_equal_steps():
     got = torch.autograd.grad(result(x).pow(2).mean(), list(result.parameters()))
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+class _TwoWayGRU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = torch.nn.GRU(8, 8, batch_first=True, bidirectional=True)
+
+    def forward(self, x):
+        return self.gru(x)[0][:, -1]
+
+
+def test_layers_it_cannot_convert_are_reported():
+    from gradxform.errors import PipelineError
+
+    result = gradxform.compile(_TwoWayGRU(), "highway", example_inputs=(torch.randn(2, 5, 8),))
+    assert result.gx_report["passes"][0]["notes"][0] == "gru: not converted: bidirectional GRU"
+    assert type(result.gru) is torch.nn.GRU
+    with pytest.raises(PipelineError, match="min_layers must be at least 1"):
+        compile_loaded(example("mlp.py"), "highway{min_layers=0}")

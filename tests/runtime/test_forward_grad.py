@@ -186,3 +186,27 @@ def test_op_without_forward_mode_names_the_op_and_the_layer():
                                              r"stage 1: 'cdist' has no forward-mode derivative") as e:
         _train(staged, "forward-grad", steps=1)
     assert "layer 'dist'" in str(e.value) and "local schedule" in e.value.hint
+
+
+def test_forward_mode_error_outside_a_graph_still_names_the_failure():
+    """Without a GraphModule to walk, the error still says what failed and where."""
+    h = torch.randn(3, 4, **D64)
+    with pytest.raises(GradxformError, match=r"^stage 2: an op has no forward-mode derivative: .*_cdist_forward"):
+        push(lambda a: torch.cdist(a, a), (h,), (torch.randn(1, 3, 4, **D64),), "stage 2")
+
+
+def test_non_finite_local_losses_and_estimates_name_the_stage():
+    from gradxform.runtime.executor import Kept, TrainingError
+
+    staged = _staged("split{at=cls},aux-heads{head=linear}")
+    with pytest.raises(TrainingError, match="stage 0: non-finite auxiliary loss"):
+        exs = {j: StageExecutor(j, 2, st, "local", torch.optim.SGD(st.parameters(), lr=0.1), classification_loss)
+               for j, st in enumerate(staged.stages)}
+        run_schedule(build("local", 2, 1), exs, InProcess(2), lambda mb: (torch.full((5, 6), float("nan"), **D64),),
+                     lambda mb: torch.zeros(5, dtype=torch.long))
+    ex = StageExecutor(0, 2, staged.stages[0], "forward-grad", torch.optim.SGD(staged.stages[0].parameters(), lr=0.1),
+                       classification_loss)
+    h = torch.randn(5, 8, **D64, requires_grad=True)
+    keep = Kept(outputs=h * 2, tangents=torch.randn(1, 5, 8, **D64))
+    with pytest.raises(TrainingError, match="stage 0: non-finite forward-gradient estimate"):
+        ex._backward_tangents(keep, (torch.full((1, 5), float("inf"), **D64),))

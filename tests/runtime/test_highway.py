@@ -170,3 +170,32 @@ def test_highway_lstm_equals_nn_lstm_forward_and_at_k_equal_steps_backward():
     assert 0.99 < cos < 1 - 1e-12
     unbatched = torch.randn(5, 6, dtype=torch.float64)
     torch.testing.assert_close(hw(unbatched)[0], lstm(unbatched)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_segment_and_engine_errors():
+    from gradxform.nn.highway import make_residual
+    from gradxform.runtime.highway import Group, Segment, _Rerun, gradient_cosines
+    from gradxform.runtime.highway import LSTMResidual, Residual
+
+    with pytest.raises(ValueError, match="one residual kind per block"):
+        HighwaySegment([Block(), Block()], ["add"])
+    with pytest.raises(ValueError, match="unknown residual kind 'swish'"):
+        make_residual("swish")
+    with pytest.raises(ValueError, match="the model has no highway segment"):
+        gradient_cosines(nn.Linear(2, 2), lambda m: m(torch.ones(1, 2)).sum(), [0])
+    blocks = [lambda s: (s[0], s[0], s[0]), lambda s: s]
+    seg = Segment(blocks, [LSTMResidual(), Residual()],
+                  [Group([0], LSTMResidual(), fn=blocks[0]), Group([1], Residual(), fn=blocks[1])], [], 1)
+    with pytest.raises(ValueError, match="a segment mixes matrix and elementwise residuals"):
+        _Rerun(seg, torch.zeros(3, 2, 4), None, ())
+
+
+def test_recurrent_layers_refuse_what_they_cannot_unroll():
+    with pytest.raises(TypeError, match="HighwayGRU takes a padded tensor, not a PackedSequence"):
+        HighwayGRU.from_gru(nn.GRU(3, 4), 2)(nn.utils.rnn.pack_sequence([torch.randn(2, 3)]))
+    with pytest.raises(ValueError, match="bidirectional GRU"):
+        HighwayGRU.from_gru(nn.GRU(3, 4, bidirectional=True), 2)
+    from gradxform.nn.highway import HighwayLSTM
+
+    with pytest.raises(ValueError, match="LSTM with proj_size"):
+        HighwayLSTM.from_lstm(nn.LSTM(3, 4, proj_size=2), 2)
