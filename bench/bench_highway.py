@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 import gradxform
-from gradxform.runtime.highway import gradient_cosines
+from gradxform.autodiff.highway import gradient_cosines
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (0, 1, 2, 4, 8)

@@ -45,8 +45,8 @@ def run(method: str, composite: str, schedule: str, stages: int, data: tuple, ep
     module = gradxform.compile(MODEL, f"{composite}{{stages={stages}}}")
     heads = next((p["info"] for p in module.gx_report["passes"] if p["name"] == "aux-heads"), None)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(schedule=schedule, epochs=epochs, out=tmp, progress=False, lr=0.05)
-        hist = Trainer(module, cfg).fit(*data, log=lambda s: None)
+        cfg = TrainConfig(schedule=schedule, epochs=epochs, out=tmp, lr=0.05)
+        hist = Trainer(module, cfg).fit(*data)
     last = hist[-1]
     steps = sum(len(h["step_losses"]) for h in hist)
     return {"method": method, "stages": stages, "accuracy": last["test_accuracy"],

@@ -103,8 +103,8 @@ def accuracy_curve() -> list[tuple[str, float, int]]:
         staged = gradxform.compile(str(ROOT / "examples" / "mlp.py"), pipeline, check=False)
         staged = staged if isinstance(staged, StagedModule) else StagedModule([staged])
         with tempfile.TemporaryDirectory() as tmp:
-            hist = Trainer(staged, TrainConfig(schedule="backprop", epochs=8, out=tmp, progress=False)).fit(
-                train, test, log=lambda s: None)
+            hist = Trainer(staged, TrainConfig(schedule="backprop", epochs=8, out=tmp)).fit(
+                train, test)
         params = sum(p.numel() for p in staged.parameters())
         out.append(("full" if r is None else f"{r:.0%}", hist[-1]["test_accuracy"], params))
         print(out[-1], flush=True)

@@ -35,10 +35,10 @@ VIT = f"{ROOT / 'examples' / 'vit.py'}"
 def kept_memory(stages: int, model: str = MODEL, micro_batches: int = 16, batch: int = 32) -> dict[str, list[int]]:
     from gradxform.compiler import compile
     from gradxform.runtime.data import digits
-    from gradxform.runtime.engine import InProcess, classification_loss, first_inputs, run_schedule
+    from gradxform.runtime.engine import InProcess, run_schedule
     from gradxform.runtime.executor import StageExecutor
-    from gradxform.runtime.launch import stage_inverses
-    from gradxform.runtime.schedules import build
+    from gradxform.runtime.losses import classification_loss
+    from gradxform.runtime.schedules import make_schedule
 
     if model == MODEL:
         train, _ = digits()
@@ -50,11 +50,12 @@ def kept_memory(stages: int, model: str = MODEL, micro_batches: int = 16, batch:
     for schedule in ("stash", "dsp", "petra"):
         torch.manual_seed(0)
         staged = compile(model, f"petra{{stages={stages}}}", check=False).module
-        inverses = stage_inverses(staged) if schedule == "petra" else {}
-        exs = {j: StageExecutor(j, stages, st, schedule, torch.optim.SGD(st.parameters(), lr=0.01),
+        inverses = staged.inverses() if schedule == "petra" else {}
+        sched = make_schedule(schedule)
+        exs = {j: StageExecutor(j, stages, st, sched, torch.optim.SGD(st.parameters(), lr=0.01),
                                 classification_loss, inverses.get(j)) for j, st in enumerate(staged.stages)}
-        run_schedule(build(schedule, stages, micro_batches), exs, InProcess(stages),
-                     lambda mb: first_inputs(staged, (x[mb * batch:(mb + 1) * batch],), {}),
+        run_schedule(sched.ticks(stages, micro_batches), exs, InProcess(stages),
+                     lambda mb: staged.first_inputs((x[mb * batch:(mb + 1) * batch],), {}),
                      lambda mb: y[mb * batch:(mb + 1) * batch])
         out[schedule] = [exs[j].stats.peak_kept_bytes for j in range(stages)]
         out[f"{schedule}_invertible"] = sorted(inverses)
@@ -63,7 +64,8 @@ def kept_memory(stages: int, model: str = MODEL, micro_batches: int = 16, batch:
 
 def train_run(schedule: str, epochs: int, out: Path, nproc: int = 2) -> list[dict]:
     cmd = [sys.executable, "-m", "gradxform", "train", MODEL, "--pass", "petra{stages=2}", "--schedule", schedule,
-           "--epochs", str(epochs), "--batch-size", "32", "--micro-batches", "4", "--nproc", str(nproc),
+           "--epochs", str(epochs), "--batch-size", "32", "--nproc", str(nproc),
+           *(["--micro-batches", "4"] if schedule in ("gpipe", "1f1b") else []),
            "--out", str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, text=True)

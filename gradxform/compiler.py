@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,14 +11,30 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import PassError, TraceError
-from .export.artefact import Recipe
+from .errors import ModelLoadError, PassError, TraceError
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
 from .ir.analysis import Analysis, analyse
+from .ir.cost import evaluate, hints, node_costs, total
+from .ir.match import op_kind
 from .ir.meta import flat_inputs, has_metadata, propagate, symbol_names, tags
-from .passes.base import resolve_pipeline
+from .passes import compiled_schedule, resolve_pipeline
 from .passes.manager import PassContext, PassManager, compare, run_example
+
+
+@dataclass
+class Recipe:
+    """How to rebuild a compiled model: its file, attribute, inputs, tracer and pipeline, and the
+    schedule the pipeline compiles for (what ``--schedule auto`` trains with)."""
+
+    source: Path | None
+    attr: str | None
+    args: tuple
+    kwargs: dict
+    tracer: str
+    pipeline: str
+    original_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    schedule: str | None = None
 
 
 @dataclass
@@ -80,8 +97,6 @@ def _first_line(e: BaseException) -> str:
 
 def _failing_node(e: BaseException) -> str | None:
     """'layer conv1' from the interpreter's account of which node raised (in the message or a note)."""
-    import re
-
     text = "\n".join([str(e), *(getattr(e, "__notes__", None) or [])])
     m = re.search(r"While executing %(\w+) : .*?\[target=([\w.]+)\]", text)
     return f"layer {m.group(2)} (node {m.group(1)})" if m else None
@@ -111,13 +126,15 @@ def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", 
         "trace_notes": notes,
         "trace_max_abs_diff": trace_diff,
         "pipeline": pipeline,
+        "schedule": compiled_schedule(pipeline),
         "inputs": _describe_inputs(loaded),
         "symbols": {name: hint for name, hint in gm.meta.get("gx_symbols", {}).values()},
         "timings": {k: round(v, 4) for k, v in timings.items()},
         "passes": [r.as_dict() for r in records],
     }
     module.gx_report = report
-    module.gx_recipe = Recipe(loaded.path, loaded.attr, loaded.args, loaded.kwargs, used, pipeline, original)
+    module.gx_recipe = Recipe(loaded.path, loaded.attr, loaded.args, loaded.kwargs, used, pipeline, original,
+                              report["schedule"])
     return CompileResult(module, loaded, used, pipeline, report)
 
 
@@ -142,8 +159,6 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
             loaded.args, loaded.kwargs = tuple(example_inputs or ()), dict(example_kwargs or {})
     else:
         if example_inputs is None and not example_kwargs:
-            from .errors import ModelLoadError
-
             raise ModelLoadError("compiling an nn.Module needs example inputs",
                                  hint="pass example_inputs=(x,) (and example_kwargs={...} for keyword inputs)")
         loaded = LoadedModel(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
@@ -152,9 +167,6 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
 
 def inspect_loaded(loaded: LoadedModel, tracer: str = "auto") -> dict[str, Any]:
     """What the analysis sees: blocks, chains, cut points and a per-block symbolic cost table."""
-    from .ir.cost import evaluate, hints, node_costs, total
-    from .ir.match import op_kind
-
     gm, used, notes, timings = prepare(loaded, tracer)
     an = analyse(gm)
     costs = node_costs(gm)

@@ -8,7 +8,7 @@ BatchNorm running statistics and batch counters are restored afterwards.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -35,3 +35,29 @@ def plain_path() -> bool:
     compiler = getattr(torch, "compiler", None)
     exporting = bool(compiler and (compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or exporting
+
+
+@contextlib.contextmanager
+def batch_statistics_only(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Training-mode BatchNorm uses its batch statistics without touching its running statistics."""
+    changed = []
+    for m in modules:
+        for sub in m.modules():
+            if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
+                sub.track_running_stats = False
+                changed.append(sub)
+    try:
+        yield
+    finally:
+        for sub in changed:
+            sub.track_running_stats = True
+
+
+def math_attention() -> Any:
+    """Scaled-dot-product attention on the math kernel: the fused CPU/GPU kernels have no vmap or
+    forward-mode rules."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)

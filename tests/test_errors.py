@@ -70,7 +70,7 @@ def test_train_pass_on_an_artefact(cli, tmp_path):
     assert cli("compile", str(EXAMPLES / "mlp.py"), "--pass", "split{stages=2}", "-o", str(tmp_path),
                "--emit", "pt")[0] == 0
     code, _, err = cli("train", str(tmp_path), "--pass", "split{stages=3}", "--out", str(tmp_path / "run"))
-    assert code == 2 and "--pass applies to a model file; this is a compiled artefact" in err
+    assert code == 2 and "a pipeline (--pass) applies to a model file; this is a compiled artefact" in err
 
 
 def test_train_nproc_below_one(cli, tmp_path):
@@ -110,7 +110,7 @@ def test_boundary_with_too_many_tensors_for_one_header():
     transport = PointToPoint(0, 2, torch.device("cpu"))
     many = tuple(torch.zeros(1, 1, 1, 1, 1, 1) for _ in range(10))  # 10 x (2 + 6) header entries
     with pytest.raises(GradxformError, match="too many tensors/dimensions for one header"):
-        transport.send(0, 1, "f", 0, many)
+        transport.send(0, 1, "f", 0, {"activations": many})
     assert not transport.pending  # nothing was posted
 
 

@@ -22,28 +22,17 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..compiler import Recipe, compile_loaded
 from ..errors import ExportError
+from ..frontend.loader import LoadedModel, find_model, import_file
+from ..nn.staged import StagedModule
 
 FORMAT = 1
-
-
-@dataclass
-class Recipe:
-    """How to rebuild a compiled model: its file, attribute, inputs, tracer and pipeline."""
-
-    source: Path | None
-    attr: str | None
-    args: tuple
-    kwargs: dict
-    tracer: str
-    pipeline: str
-    original_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _sha256(path: Path) -> str:
@@ -57,9 +46,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _code_of(module: Any) -> dict[str, str]:
-    stages = getattr(module, "stages", None)
-    if stages is not None:
-        return {f"stage{i}.py": s.code for i, s in enumerate(stages)}
+    if isinstance(module, StagedModule):
+        return {f"stage{i}.py": s.code for i, s in enumerate(module.stages)}
     return {"model.py": getattr(module, "code", "")}
 
 
@@ -88,7 +76,8 @@ def save(module: Any, folder: str | Path, recipe: Recipe | None = None) -> Path:
         "attr": recipe.attr,
         "tracer": recipe.tracer,
         "pipeline": recipe.pipeline,
-        "stages": len(getattr(module, "stages", [])) or None,
+        "schedule": recipe.schedule,
+        "stages": len(module.stages) if isinstance(module, StagedModule) else None,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder
@@ -110,9 +99,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 def load(folder: str | Path, verify_source: bool = True) -> Any:
     """Rebuild the transformed model saved in ``folder``; see the module docstring for what it trusts."""
-    from ..compiler import compile_loaded
-    from ..frontend.loader import LoadedModel, find_model, import_file
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     source = folder / manifest["source"]

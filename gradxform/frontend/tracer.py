@@ -53,14 +53,13 @@ def trace_fx(model: torch.nn.Module, args: tuple, kwargs: dict) -> fx.GraphModul
 class GxTracer(fx.Tracer):
     """symbolic_trace's tracer, keeping gradxform's own modules as leaves.
 
-    Tracing into a ReversibleChain would inline its autograd.Function: the gradients stay right but
-    the memory saving silently vanishes.
+    A module class that sets ``gx_leaf = True`` (a ReversibleChain, whose forward runs a custom
+    autograd.Function) stays one ``call_module`` node: tracing into it would inline the Function, the
+    gradients would stay right but the memory saving would silently vanish.
     """
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
-        from ..nn import LEAF_MODULES
-
-        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, module_qualified_name)
+        return getattr(m, "gx_leaf", False) or super().is_leaf_module(m, module_qualified_name)
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -1,9 +1,7 @@
-"""The modules that passes insert: the staged container, reversible couplings and chains."""
+"""The modules that passes insert: the staged container, reversible chains, heads, Highway layers,
+low-rank factors. They call the engines of :mod:`gradxform.autodiff`."""
 
 from .reversible import LeapfrogCoupling, MomentumCoupling, ReversibleChain, StoredInputBlock
 from .staged import StagedModule
 
-# Modules the fx tracer keeps whole (their forward holds custom autograd logic).
-LEAF_MODULES = (ReversibleChain, StoredInputBlock)
-
-__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling", "LEAF_MODULES"]
+__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..runtime.highway import (ActResidual, GammaResidual, GateResidual, Group, LSTMResidual, Residual, Segment,
+from ..autodiff.highway import (ActResidual, GammaResidual, GateResidual, Group, LSTMResidual, Residual, Segment,
                                apply_segment)
 
 ACTIVATION_FNS = {"relu": torch.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}

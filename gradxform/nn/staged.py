@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx._pytree as fx_pytree
+import torch.utils._pytree as pytree
+
+from ..ir.meta import flat_inputs
+from .reversible import ReversibleChain
 
 
 class StagedModule(torch.nn.Module):
@@ -26,11 +32,7 @@ class StagedModule(torch.nn.Module):
     def first_inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The model's own (args, kwargs) bound to the first stage's placeholders, as a flat tuple."""
         if self.in_spec is not None:
-            import torch.fx._pytree as fx_pytree
-
             return tuple(fx_pytree.tree_flatten_spec((list(args), dict(kwargs)), self.in_spec))
-        from ..ir.meta import flat_inputs
-
         return tuple(flat_inputs(self.stages[0], args, kwargs))
 
     def first(self, *args: Any, **kwargs: Any) -> Any:
@@ -40,8 +42,6 @@ class StagedModule(torch.nn.Module):
     def finish(self, out: Any) -> Any:
         """The model's output structure from the last stage's output."""
         if self.out_spec is not None:
-            import torch.utils._pytree as pytree
-
             return pytree.tree_unflatten(list(out), self.out_spec)
         return out
 
@@ -54,6 +54,11 @@ class StagedModule(torch.nn.Module):
     def __len__(self) -> int:
         return len(self.stages)
 
+    def inverses(self) -> dict[int, Any]:
+        """The inverse of every stage made only of reversible couplings (``stage.inverse``, set by
+        ``split``), by stage index: what the petra schedule rebuilds activations with."""
+        return {j: stage.inverse for j, stage in enumerate(self.stages) if getattr(stage, "inverse", None)}
+
 
 def stage_inverse(stage: fx.GraphModule) -> Any:
     """A function from the stage's outputs to its inputs, when the stage is invertible; else None.
@@ -62,8 +67,6 @@ def stage_inverse(stage: fx.GraphModule) -> Any:
     coupling's two-tensor state (no entry or exit merge), possibly passing other inputs (an attention
     mask) through unchanged. Its inverse inverts the slices from last to first.
     """
-    from .reversible import ReversibleChain
-
     nodes = [n for n in stage.graph.nodes]
     inputs = [n for n in nodes if n.op == "placeholder"]
     output = nodes[-1]
@@ -73,8 +76,6 @@ def stage_inverse(stage: fx.GraphModule) -> Any:
     mods = [stage.get_submodule(n.target) for n in chains]
     if not all(isinstance(m, ReversibleChain) and not m.enter and not m.exit for m in mods):
         return None
-    import operator
-
     getitems = [n for n in nodes if n.op == "call_function"]
     if not all(n.target is operator.getitem and n.args[0] in chains for n in getitems):
         return None

@@ -51,6 +51,9 @@ class AuxHeads(Pass):
     Options = AuxHeadsOptions
     whole_model = True
 
+    def compiles_for(self) -> str | None:
+        return self.options.schedule
+
     def run(self, gm: Any, ctx: Any) -> PassResult:
         import torch
         from torch.utils.flop_counter import FlopCounterMode
@@ -139,7 +142,6 @@ class AuxHeads(Pass):
                     later.add("multihead")
         for kind in sorted(later):
             notes.append("forward-grad: " + _FORWARD_MODE_NOTES[kind])
-        gm.gx_schedule = opts.schedule
         return PassResult(gm, bool(info), notes, {"heads": info, "share": share, "model_flops": model_flops,
                                                   "schedule": opts.schedule})
 

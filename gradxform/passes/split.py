@@ -39,6 +39,7 @@ class Split(Pass):
     summary = "cut the model into balanced pipeline stages (a StagedModule)"
     Options = SplitOptions
     whole_model = True
+    schedule = "petra"  # pipeline stages train with PETRA unless a later pass names another
 
     def run(self, gm: Any, ctx: Any) -> PassResult:
         from ..ir.analysis import analyse

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 import torch
 from torch.utils.data import TensorDataset
+
+from ..errors import GradxformError
+from .losses import logits_of
 
 
 def digits(test_fraction: float = 0.2, seed: int = 0, flat: bool = False) -> tuple[TensorDataset, TensorDataset]:
@@ -51,8 +57,6 @@ def synthetic(input_shape: tuple[int, ...], classes: int, samples: int = 2048, s
 def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int = 0) -> tuple:
     """``digits``, ``synthetic``, ``synthetic-deep``, or ``module:function`` returning (train, test)
     datasets of (x, y)."""
-    from ..errors import GradxformError
-
     if spec == "digits":
         flat = len(input_shape) == 1
         train, test = digits(seed=seed, flat=flat)
@@ -71,8 +75,6 @@ def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int =
     module_name, sep, fn_name = spec.partition(":")
     if not sep:
         raise GradxformError(f"unknown --data '{spec}'", hint="use digits, synthetic, or module:function")
-    import importlib
-
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as e:
@@ -83,3 +85,17 @@ def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int =
         raise GradxformError(f"--data {spec} returned {type(out).__name__}",
                              hint="return (train_dataset, test_dataset), each yielding (input, label)")
     return tuple(out)
+
+
+def datasets_for(staged: Any, args: tuple, kwargs: dict, spec: str, seed: int = 0) -> tuple:
+    """(train, test) datasets of ``spec`` shaped for the model: the input shape from its example
+    inputs, the number of classes from its output on them."""
+    if kwargs or len(args) != 1:
+        raise GradxformError("gradxform train feeds one input tensor per sample",
+                             hint="train models whose forward takes a single tensor (x), or pass --data module:function "
+                                  "with such a model")
+    staged.eval()
+    with torch.no_grad():
+        classes = logits_of(staged(*args, **kwargs)).shape[-1]
+    staged.train()
+    return load_data(spec, tuple(args[0].shape[1:]), classes, seed)

@@ -1,24 +1,24 @@
 """One stage per rank over ``torch.distributed`` point-to-point (gloo on CPU, NCCL on GPUs).
 
-Messages are tuples of tensors of shapes the receiver does not know in advance (the last micro-batch
-may be smaller; a stage may pass ``None``), so each message is a fixed-size header -- count, then per
-tensor a dtype code, rank and sizes -- followed by the tensors. Plain ``isend``/``recv`` pairs are
-used (not batched): gloo is known to hang on batched point-to-point. Every wait is bounded by the
-process group's timeout, so a dead neighbour stops the others instead of hanging them.
+A message holds tensors of shapes the receiver does not know in advance (the last micro-batch may be
+smaller; a stage may pass ``None``), so each is sent as a fixed-size header -- the number of fields and
+of tensors in each (the schedule's layout names the fields), then per tensor a dtype code, rank and
+sizes -- followed by the tensors. Plain ``isend``/``recv`` pairs are used (not batched): gloo is known
+to hang on batched point-to-point. Every wait is bounded by the process group's timeout, so a dead
+neighbour stops the others instead of hanging them.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
-import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import GradxformError
+from .schedules.base import Message
 
 HEADER = 64
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool,
@@ -36,14 +36,19 @@ class PointToPoint:
         self.previous: list[Any] = []   # sends posted in the tick before
         self.sent_bytes = 0
 
-    def send(self, src: int, dst: int, kind: str, mb: int, tensors: tuple) -> None:
-        needed = 1 + sum(1 if t is None else 2 + t.dim() for t in tensors)
+    def send(self, src: int, dst: int, kind: str, mb: int, message: Message) -> None:
+        tensors = [t for field in message.values() for t in field]
+        needed = 1 + len(message) + sum(1 if t is None else 2 + t.dim() for t in tensors)
         if needed > HEADER:
             raise GradxformError(f"a stage boundary carries too many tensors/dimensions for one header "
-                                 f"({needed} > {HEADER} entries)")
+                                 f"({needed} > {HEADER} entries)",
+                                 hint="cut the model where fewer tensors cross (split{at=...})")
         header = torch.zeros(HEADER, dtype=torch.int64)
-        header[0] = len(tensors)
+        header[0] = len(message)
         pos = 1
+        for field in message.values():
+            header[pos] = len(field)
+            pos += 1
         for t in tensors:
             if t is None:
                 header[pos] = -1
@@ -59,12 +64,17 @@ class PointToPoint:
                 self.pending.append((dist.isend(t, dst), t))  # keep the buffer alive until sent
                 self.sent_bytes += t.numel() * t.element_size()
 
-    def recv(self, src: int, dst: int, kind: str, mb: int) -> tuple:
+    def recv(self, src: int, dst: int, kind: str, mb: int, fields: tuple[str, ...]) -> Message:
         header = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, src)
         header = header.cpu()
-        out, pos = [], 1
-        for _ in range(int(header[0])):
+        n_fields = int(header[0])
+        if n_fields != len(fields):
+            raise RuntimeError(f"stage {dst}: a '{kind}' message from stage {src} has {n_fields} fields, "
+                               f"expected {len(fields)} ({', '.join(fields)})")
+        counts = [int(c) for c in header[1:1 + n_fields]]
+        out, pos = [], 1 + n_fields
+        for _ in range(sum(counts)):
             code = int(header[pos])
             if code == -1:
                 out.append(None)
@@ -76,7 +86,11 @@ class PointToPoint:
             t = torch.empty(shape, dtype=DTYPES[code], device=self.device)
             dist.recv(t, src)
             out.append(t)
-        return tuple(out)
+        message, start = {}, 0
+        for name, count in zip(fields, counts):
+            message[name] = tuple(out[start:start + count])
+            start += count
+        return message
 
     def end_tick(self) -> None:
         # A send completes when the neighbour posts its receive, which it does in the next tick:
@@ -117,44 +131,21 @@ def _wait(works: list[Any]) -> None:
         (work[0] if isinstance(work, tuple) else work).wait()
 
 
-def run_rank(a: argparse.Namespace, cfg: Any) -> int:
-    """Body of one torchrun worker: join the group, load the model, train this rank's stage."""
-    from torch.distributed.elastic.multiprocessing.errors import record
+def init_rank() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun set up: (rank, world size, this rank's device).
 
-    @record
-    def main() -> int:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        use_cuda = torch.cuda.is_available()
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
-        try:
-            from .launch import load_staged, prepare_data, stage_inverses
-            from .train import Trainer
+    NCCL and one GPU per local rank when CUDA is available, else gloo on the CPU; every collective and
+    point-to-point wait is bounded by ``GRADXFORM_TIMEOUT`` seconds (default 60)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    return rank, world, device
 
-            staged, args, kwargs = load_staged(a, world)
-            if len(staged.stages) != world:
-                raise GradxformError(
-                    f"the model has {len(staged.stages)} stage(s) but {world} ranks were started",
-                    hint=f"compile with split{{stages={world}}} (or petra{{stages={world}}}), or use "
-                         f"--nproc {len(staged.stages)}")
-            staged.to(device)
-            train, test, _ = prepare_data(staged, args, kwargs, cfg)
-            transport = PointToPoint(rank, world, device)
-            trainer = Trainer(staged, cfg, transport, inverses=stage_inverses(staged))
-            history = trainer.fit(train, test, log=print if rank == 0 else (lambda s: None))
-            if rank == 0:
-                final = history[-1]
-                print(f"final test accuracy: {final['test_accuracy']:.2%} after {final['epoch']} epochs "
-                      f"({cfg.schedule}, {world} ranks, {final['wall_time']:.1f}s)", flush=True)
-            dist.barrier()
-            return 0
-        except GradxformError as e:
-            print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
-            raise
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
 
-    return main()
+def leave() -> None:
+    """Leave the process group (safe when it was never joined)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,10 +1,11 @@
-"""The tick loop: runs a schedule's actions on the local stages and moves messages between them.
+"""The tick loop: runs a tick table's actions on the local stages and moves messages between them.
 
-The same loop drives every transport. ``InProcess`` hosts all stages in one process (deterministic:
-what most tests use); ``gradxform.runtime.distributed.PointToPoint`` hosts one stage per rank and
-sends over ``torch.distributed``. Messages are tuples of tensors (``None`` for an input left at its
-default); a micro-batch's forward input at stage j was sent by stage j-1 at an earlier tick, its
-backward message by stage j+1.
+The same loop drives every schedule and every transport. ``InProcess`` hosts all stages in one process
+(deterministic: what most tests use); :class:`gradxform.runtime.distributed.PointToPoint` hosts one
+stage per rank and sends over ``torch.distributed``. A message is a dict of named fields, each a tuple
+of tensors, laid out as the schedule declares (:class:`gradxform.runtime.schedules.base.Layout`): a
+micro-batch's forward message at stage j was sent by stage j-1 at an earlier tick, its backward
+message by stage j+1.
 """
 
 from __future__ import annotations
@@ -14,19 +15,25 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .executor import StageExecutor
-from .schedules import Schedule
+from .losses import logits_of
+from .schedules.base import Layout, Message, TickTable
 
 
 class Transport(Protocol):
     stages: list[int]        # the stages this process hosts
 
-    def send(self, src: int, dst: int, kind: str, mb: int, tensors: tuple) -> None: ...
+    def send(self, src: int, dst: int, kind: str, mb: int, message: Message) -> None: ...
 
-    def recv(self, src: int, dst: int, kind: str, mb: int) -> tuple: ...
+    def recv(self, src: int, dst: int, kind: str, mb: int, fields: tuple[str, ...]) -> Message: ...
 
     def end_tick(self) -> None: ...
 
     def flush(self) -> None: ...
+
+
+def message_bytes(message: Message) -> int:
+    return sum(t.numel() * t.element_size() for field in message.values() for t in field
+               if isinstance(t, torch.Tensor))
 
 
 class InProcess:
@@ -34,14 +41,14 @@ class InProcess:
 
     def __init__(self, stages: int):
         self.stages = list(range(stages))
-        self.mailbox: dict[tuple[int, str, int], tuple] = {}
+        self.mailbox: dict[tuple[int, str, int], Message] = {}
         self.sent_bytes = 0
 
-    def send(self, src: int, dst: int, kind: str, mb: int, tensors: tuple) -> None:
-        self.mailbox[(dst, kind, mb)] = tensors
-        self.sent_bytes += sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    def send(self, src: int, dst: int, kind: str, mb: int, message: Message) -> None:
+        self.mailbox[(dst, kind, mb)] = message
+        self.sent_bytes += message_bytes(message)
 
-    def recv(self, src: int, dst: int, kind: str, mb: int) -> tuple:
+    def recv(self, src: int, dst: int, kind: str, mb: int, fields: tuple[str, ...]) -> Message:
         return self.mailbox.pop((dst, kind, mb))
 
     def end_tick(self) -> None:
@@ -51,38 +58,40 @@ class InProcess:
         pass
 
 
-def run_schedule(schedule: Schedule, executors: dict[int, StageExecutor], transport: Transport,
+def _checked(message: Message | None, fields: tuple[str, ...], stage: int, kind: str, schedule: str) -> Message:
+    if message is None or tuple(message) != fields:
+        got = "nothing" if message is None else ", ".join(message)
+        raise RuntimeError(f"schedule {schedule}: stage {stage}'s {kind} message has fields ({got}); its layout "
+                           f"declares ({', '.join(fields)})")
+    return message
+
+
+def run_schedule(ticks: TickTable, executors: dict[int, StageExecutor], transport: Transport,
                  feed: Callable[[int], tuple], target: Callable[[int], Any],
                  on_tick: Callable[[int], None] | None = None) -> None:
-    """Perform every action of ``schedule`` on the stages ``transport`` hosts.
+    """Perform every action of ``ticks`` on the stages ``transport`` hosts.
 
-    ``feed(mb)`` gives stage 0's flat inputs for micro-batch ``mb``; ``target(mb)`` the last stage's
-    target. Backward messages carry the input gradients, and for ``petra`` also the reconstructed
-    inputs (the next stage up inverts them further when it is reversible).
+    ``feed(mb)`` gives stage 0's flat inputs for micro-batch ``mb``; ``target(mb)`` the labels for the
+    stages that want them. Messages follow the layout of the executors' schedule; a schedule whose
+    layout has no backward fields sends nothing backwards.
     """
-    last = schedule.stages - 1
-    for t, row in enumerate(schedule.ticks):
+    layout: Layout = next(iter(executors.values())).schedule.layout
+    last = ticks.stages - 1
+    for t, row in enumerate(ticks.ticks):
         for j in transport.stages:
             ex = executors[j]
             for a in row[j]:
                 mb = a.micro_batch
                 if a.kind == "forward":
-                    x = feed(mb) if j == 0 else transport.recv(j - 1, j, "f", mb)
-                    out = ex.forward(mb, x, target(mb) if ex.wants_target else None)
+                    msg = {"activations": feed(mb)} if j == 0 else transport.recv(j - 1, j, "f", mb, layout.forward)
+                    out = ex.forward(mb, msg, target(mb) if ex.wants_target else None)
                     if j < last:
-                        transport.send(j, j + 1, "f", mb, out)
+                        transport.send(j, j + 1, "f", mb, _checked(out, layout.forward, j, "forward", ticks.name))
                 elif a.kind == "backward":
-                    grads = acts = None
-                    if j < last and schedule.name != "local":
-                        msg = transport.recv(j + 1, j, "b", mb)
-                        if schedule.name == "petra":
-                            half = len(msg) // 2
-                            grads, acts = msg[:half], msg[half:]
-                        else:
-                            grads = msg
-                    g_in, recon = ex.backward(mb, grads, acts)
-                    if j > 0 and g_in is not None:
-                        transport.send(j, j - 1, "b", mb, g_in + (recon if recon is not None else ()))
+                    msg = transport.recv(j + 1, j, "b", mb, layout.backward) if j < last and layout.backward else None
+                    out = ex.backward(mb, msg)
+                    if j > 0 and layout.backward:
+                        transport.send(j, j - 1, "b", mb, _checked(out, layout.backward, j, "backward", ticks.name))
                 else:
                     ex.update()
         for j in transport.stages:
@@ -106,10 +115,11 @@ def evaluate(executors: dict[int, StageExecutor], transport: Transport, stages: 
         with torch.no_grad():
             for mb, (x, y) in enumerate(batches):
                 for j in transport.stages:
-                    inp = x if j == 0 else transport.recv(j - 1, j, "e", mb)
+                    inp = x if j == 0 else transport.recv(j - 1, j, "e", mb, ("activations",))["activations"]
                     out = executors[j].module(*inp)
                     if j < stages - 1:
-                        transport.send(j, j + 1, "e", mb, tuple(out) if isinstance(out, tuple) else (out,))
+                        transport.send(j, j + 1, "e", mb,
+                                       {"activations": tuple(out) if isinstance(out, tuple) else (out,)})
                     else:
                         logits = logits_of(out)
                         correct += float((logits.argmax(-1) == y).sum())
@@ -120,27 +130,3 @@ def evaluate(executors: dict[int, StageExecutor], transport: Transport, stages: 
         for ex in executors.values():
             ex.module.train()
     return correct, total
-
-
-def logits_of(out: Any) -> torch.Tensor:
-    """The prediction tensor of a model output: a tensor, a dict's 'logits', or its first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return out["logits"] if "logits" in out else next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, (tuple, list)):
-        return next(v for v in out if isinstance(v, torch.Tensor))
-    raise TypeError(f"cannot find predictions in a {type(out).__name__}")
-
-
-def classification_loss(out: Any, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of (N, C) logits, or of (N, T, V) token logits against (N, T) targets."""
-    logits = logits_of(out)
-    if logits.dim() > 2:
-        return torch.nn.functional.cross_entropy(logits.flatten(0, -2), target.flatten())
-    return torch.nn.functional.cross_entropy(logits, target)
-
-
-def first_inputs(staged: Any, args: tuple, kwargs: dict) -> tuple:
-    """The model's own (args, kwargs) bound to stage 0's placeholders, as a flat tuple."""
-    return staged.first_inputs(args, kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..state import frozen_buffers
 from .executor import StageExecutor
 
 
@@ -35,8 +36,6 @@ class TorchPipeline:
 
     def step(self, xs: list[tuple], ys: list[torch.Tensor]) -> None:
         """One synchronous step over the micro-batches ``xs`` (stage-0 inputs) and targets ``ys``."""
-        from ..state import frozen_buffers
-
         m = len(ys)
         ex = self.executor
         if m not in self.schedules:  # the epoch's last step may have more micro-batches
@@ -45,14 +44,11 @@ class TorchPipeline:
                 self._run(self.schedules[m], xs, ys)
             ex.optimizer.zero_grad(set_to_none=True)
         losses = self._run(self.schedules[m], xs, ys)
-        if losses is not None:
-            for loss in losses:
-                ex._check(loss.detach(), "loss")
-                ex.stats.losses.append(float(loss.detach()))
+        for loss in losses or []:
+            ex.record_loss(loss)
         ex.stats.forwards += m
         ex.stats.backwards += m
-        ex.pending = 1  # PyTorch already averaged the gradients over the micro-batches
-        ex._update()
+        ex.update(backwards=1)  # PyTorch already averaged the gradients over the micro-batches
 
     def _run(self, sched: Any, xs: list[tuple], ys: list[torch.Tensor]) -> list | None:
         if self.rank == 0:

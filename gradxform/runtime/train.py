@@ -15,23 +15,25 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from ..errors import GradxformError
-from .engine import InProcess, Transport, classification_loss, evaluate, first_inputs, run_schedule
+from ..nn.lowrank import AdaptiveRank, resize_usv
+from .engine import InProcess, Transport, evaluate, run_schedule
 from .executor import StageExecutor
-from .schedules import ASYNC, SCHEDULES, build
+from .losses import classification_loss
+from .schedules import Schedule, make_schedule
 
 
 @dataclass
 class TrainConfig:
-    schedule: str = "auto"        # auto: chosen from the model (see auto_schedule)
+    schedule: Any = "auto"        # schedule text or a Schedule; auto: the one the model was compiled for
     epochs: int = 5
     batch_size: int = 32          # samples per micro-batch
-    micro_batches: int = 4        # gpipe / 1f1b: micro-batches per optimizer step
-    accumulate: int = 1           # asynchronous schedules and backprop: backwards per optimizer step
+    micro_batches: int | None = None  # sets the schedule's micro_batches option (gpipe, 1f1b: per step)
+    accumulate: int | None = None     # sets the schedule's accumulate option (backwards per optimizer step)
     optimizer: str = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
@@ -45,40 +47,52 @@ class TrainConfig:
     rank_warmup: int = 0          # OIALR: optimizer steps before the first truncation
     rank_cutoff: float = 0.1      # OIALR: drop singular values below cutoff * sigma_max
     resume: bool = False
-    progress: bool = True
 
-    guess: str = "local"          # forward-grad: the tangent guess (local head gradient or random)
-    tangents: int = 1             # forward-grad: tangents per stage (k)
-    combine: str = "project"      # forward-grad: projection on the tangents' span, or their mean
-
-    def validate(self) -> None:
-        from .schedules import parse_schedule
-
+    def make_schedule(self, staged: Any = None) -> Schedule:
+        """The Schedule to train with: ``auto`` is the one ``staged`` was compiled for; the
+        ``micro_batches`` and ``accumulate`` fields, when set, override the schedule's options."""
+        spec = self.schedule
+        if isinstance(spec, str) and spec.strip() == "auto":
+            spec = compiled_for(staged) if staged is not None else "petra"
         try:
-            name, opts = parse_schedule(self.schedule)
-        except ValueError as e:
-            raise GradxformError(f"--schedule: {e}",
-                                 hint="e.g. --schedule 'forward-grad{guess=local,tangents=4,combine=project}'") from None
-        if name != "auto" and name not in SCHEDULES:
-            from ..errors import did_you_mean
+            schedule = make_schedule(spec)
+        except GradxformError as e:
+            raise GradxformError(f"--schedule: {e.message}", hint=e.hint) from None
+        for key in ("micro_batches", "accumulate"):
+            value = getattr(self, key)
+            if value is not None:
+                try:
+                    schedule = make_schedule(schedule, **{key: value})
+                except GradxformError as e:
+                    raise GradxformError(f"--{key.replace('_', '-')}: {e.message}", hint=e.hint) from None
+        return schedule
 
-            raise GradxformError(f"unknown schedule '{name}'", hint=did_you_mean(name, SCHEDULES))
-        self.schedule = name
-        for key, value in opts.items():
-            setattr(self, key, value)
-        for name in ("epochs", "batch_size", "micro_batches", "accumulate"):
+    def validate(self, staged: Any = None) -> Schedule:
+        """Check every field; returns the resolved schedule."""
+        schedule = self.make_schedule(staged)
+        for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise GradxformError(f"--{name.replace('_', '-')} must be at least 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise GradxformError(f"unknown optimizer '{self.optimizer}'", hint="use sgd or adamw")
         if not self.lr > 0:
             raise GradxformError("--lr must be positive")
-        if self.rank_every and self.schedule in ("stash", "delayed-exact"):
-            raise GradxformError(f"--rank-every cannot be used with --schedule {self.schedule}",
+        if self.rank_every and schedule.keeps_weight_copies:
+            raise GradxformError(f"--rank-every cannot be used with --schedule {schedule.name}",
                                  hint="its stashed weight copies would no longer match truncated layers; "
                                       "use petra, dsp, backprop, gpipe or 1f1b")
         if self.lr_schedule not in ("cosine", "constant"):
             raise GradxformError(f"unknown --lr-schedule '{self.lr_schedule}'", hint="use cosine or constant")
+        return schedule
+
+
+def compiled_for(staged: Any) -> str:
+    """The schedule a model was compiled for (its recipe records what the pipeline's passes named);
+    a model that names none trains with backprop in one stage and petra in several."""
+    named = getattr(getattr(staged, "gx_recipe", None), "schedule", None)
+    if named:
+        return named
+    return "backprop" if len(staged.stages) == 1 else "petra"
 
 
 def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -110,45 +124,66 @@ def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(xs), torch.as_tensor(ys)
 
 
-def auto_schedule(staged: Any) -> str:
-    """The schedule a model was compiled for: the one its auxiliary heads name (dgl: local, fwd-local:
-    forward-grad), backprop for one stage (highway, lowrank), else petra."""
-    named = getattr(staged, "gx_schedule", None)
-    if named:
-        return named
-    return "backprop" if len(staged.stages) == 1 else "petra"
+class Callback:
+    """Hooks into :meth:`Trainer.fit`; every method is optional. The runtime prints nothing itself:
+    the CLI's reporter (a progress bar, a line per epoch) and the tests' probes are callbacks."""
+
+    def on_resume(self, trainer: Trainer) -> None:
+        """Training continues from the checkpoint of epoch ``trainer.epoch``."""
+
+    def on_epoch_start(self, trainer: Trainer, ticks: int) -> None:
+        """Epoch ``trainer.epoch + 1`` starts; its schedule has ``ticks`` ticks in all."""
+
+    def on_tick(self, trainer: Trainer, tick: int) -> None:
+        """A tick of the current epoch's schedule is done (counted from 0 within the epoch)."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        """The epoch's metrics (the same record on every rank)."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        """Training is complete: ``trainer.history`` holds every epoch's record."""
 
 
 class Trainer:
-    """Trains the stages this process hosts; all stages with the in-process transport."""
+    """Trains the stages this process hosts; all stages with the in-process transport.
+
+    ``inverses`` (stage index -> inverse function) default to the stages' own ``inverse`` (stages made
+    only of reversible couplings); the schedule's policy decides whether to use them.
+    """
 
     def __init__(self, staged: Any, cfg: TrainConfig, transport: Transport | None = None,
-                 inverses: dict[int, Callable] | None = None):
-        if cfg.schedule == "auto":
-            cfg.schedule = auto_schedule(staged)
-        cfg.validate()
+                 inverses: dict[int, Callable] | None = None, callbacks: Sequence[Callback] = ()):
+        self.schedule = cfg.validate(staged)
+        self.schedule.check(staged)
         self.staged, self.cfg = staged, cfg
+        self.callbacks = list(callbacks)
         self.n = len(staged.stages)
         self.transport = transport or InProcess(self.n)
         self.out = Path(cfg.out)
-        inverses = inverses or {}
+        inverses = staged.inverses() if inverses is None else inverses
         self.executors = {
-            j: StageExecutor(j, self.n, staged.stages[j], cfg.schedule, make_optimizer(staged.stages[j], cfg),
-                             classification_loss, inverses.get(j), guess=cfg.guess, tangents=cfg.tangents,
-                             combine=cfg.combine)
+            j: StageExecutor(j, self.n, staged.stages[j], self.schedule, make_optimizer(staged.stages[j], cfg),
+                             classification_loss, inverses.get(j))
             for j in self.transport.stages}
-        self.adaptive: dict[int, Any] = {}
+        self.adaptive: dict[int, AdaptiveRank] = {}
         if cfg.rank_every:
-            from ..nn.lowrank import AdaptiveRank
-
             for j, ex in self.executors.items():
                 self.adaptive[j] = AdaptiveRank(ex.module, ex.optimizer, cfg.rank_every, cfg.rank_warmup,
                                                 cfg.rank_cutoff)
                 ex.after_update.append(self.adaptive[j].step)
+        self.runner = None
+        if len(self.transport.stages) < self.n:  # one stage per rank: the schedule may bring its own engine
+            (j,) = self.transport.stages
+            self.runner = self.schedule.distributed_runner(self.executors[j], j, self.n, self.transport.device,
+                                                           classification_loss)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
         self.rank0 = 0 in self.transport.stages
         self.last_host = self.n - 1 in self.transport.stages
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _ckpt(self, j: int) -> Path:
@@ -156,10 +191,11 @@ class Trainer:
 
     def save(self) -> None:
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        config = dict(asdict(self.cfg), schedule=self.schedule.describe())
         for j, ex in self.executors.items():
             state = {"epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                      "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
-                     "rng": torch.get_rng_state(), "history": self.history, "config": asdict(self.cfg)}
+                     "rng": torch.get_rng_state(), "history": self.history, "config": config}
             tmp = self._ckpt(j).with_suffix(".tmp")
             torch.save(state, tmp)
             os.replace(tmp, self._ckpt(j))  # atomic: a crash leaves the previous checkpoint whole
@@ -171,8 +207,6 @@ class Trainer:
         for j, path in paths.items():
             state = torch.load(path, weights_only=True)
             ex = self.executors[j]
-            from ..nn.lowrank import resize_usv
-
             if resize_usv(ex.module, state["module"]):  # ranks were truncated before the checkpoint
                 ex.optimizer = make_optimizer(ex.module, self.cfg)
                 ex.refresh()
@@ -187,48 +221,47 @@ class Trainer:
         return True
 
     # -- the loop ------------------------------------------------------------------------------------
-    def fit(self, train: Any, test: Any, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    def fit(self, train: Any, test: Any) -> list[dict[str, Any]]:
+        """Train until ``cfg.epochs`` (resuming from the checkpoints in ``cfg.out`` when ``cfg.resume``);
+        returns one record per epoch (also appended to ``metrics.jsonl``, plotted to ``training.png``)."""
         cfg = self.cfg
         if cfg.resume and self.load():
-            log(f"resumed from {self.out / 'checkpoints'} after epoch {self.epoch}")
+            self._emit("on_resume")
         torch.manual_seed(cfg.seed + self.epoch)
         test_batches = micro_batches(test, cfg.batch_size, cfg.seed, 0, shuffle=False, drop_last=False)
-        test_feed = [(first_inputs(self.staged, (x,), {}), y) for x, y in test_batches]
+        test_feed = [(self.staged.first_inputs((x,), {}), y) for x, y in test_batches]
         started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         while self.epoch < cfg.epochs:
             self._set_lr()
             batches = micro_batches(train, cfg.batch_size, cfg.seed, self.epoch)
             if not batches:
                 raise GradxformError(f"the training set has fewer samples than --batch-size {cfg.batch_size}")
-            feed = lambda mb: first_inputs(self.staged, (batches[mb][0],), {})  # noqa: E731
+            feed = lambda mb: self.staged.first_inputs((batches[mb][0],), {})  # noqa: E731
             target = lambda mb: batches[mb][1]  # noqa: E731
-            schedules = self._schedules(len(batches))
-            ticks = sum(len(s.ticks) for s, _ in schedules)
-            bar = _progress(ticks, f"epoch {self.epoch + 1}/{cfg.epochs}", self.rank0 and cfg.progress)
-            kill = _kill_switch(self.transport.stages, self.epoch)
-
-            def on_tick(t: int) -> None:
-                bar.update(1)
-                kill(t)
-
-            torch_pipeline = self._torch_pipeline()
+            steps = self.schedule.steps(self.n, len(batches))
+            self._emit("on_epoch_start", sum(len(table.ticks) for table, _ in steps))
             epoch_start = time.perf_counter()
             busy_start = {j: ex.stats.busy_seconds for j, ex in self.executors.items()}
-            for sched, offset in schedules:
-                if torch_pipeline is not None:  # gpipe / 1f1b across ranks: PyTorch's own engine
-                    idx = range(offset, offset + sched.micro_batches)
-                    torch_pipeline.step([feed(i) for i in idx], [target(i) for i in idx])
-                    bar.update(len(sched.ticks))
-                    continue
-                run_schedule(sched, self.executors, self.transport,
-                             lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
-                             on_tick=on_tick)
-            bar.close()
+            done = 0
+
+            def on_tick(t: int) -> None:
+                self._emit("on_tick", done + t)
+
+            for table, offset in steps:
+                if self.runner is not None:  # e.g. gpipe / 1f1b across ranks: PyTorch's own engine
+                    idx = range(offset, offset + table.micro_batches)
+                    self.runner.step([feed(i) for i in idx], [target(i) for i in idx])
+                    self._emit("on_tick", done + len(table.ticks) - 1)
+                else:
+                    run_schedule(table, self.executors, self.transport,
+                                 lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
+                                 on_tick=on_tick)
+                done += len(table.ticks)
             train_seconds = time.perf_counter() - epoch_start
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
             self.epoch += 1
-            record = {"epoch": self.epoch, "schedule": cfg.schedule,
+            record = {"epoch": self.epoch, "schedule": self.schedule.describe(),
                       "train_loss": sum(losses) / len(losses) if losses else None,
                       "step_losses": losses if losses else [0.0] * len(batches),
                       "test_accuracy": correct / total if total else None,
@@ -242,26 +275,14 @@ class Trainer:
             record = self._gather(record)
             self.history.append(record)
             if self.rank0:
-                log(f"epoch {self.epoch}: train loss {record['train_loss']:.4f}, test accuracy "
-                    f"{record['test_accuracy']:.2%} ({record['wall_time']:.1f}s)")
                 self._write_metrics(record)
+            self._emit("on_epoch_end", record)
             if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
                 self.save()
         if self.rank0:
             plot(self.history, self.out / "training.png")
+        self._emit("on_fit_end")
         return self.history
-
-    def _torch_pipeline(self) -> Any:
-        """gpipe/1f1b across processes run through torch.distributed.pipelining (built once)."""
-        if self.cfg.schedule not in ("gpipe", "1f1b") or len(self.transport.stages) == self.n:
-            return None
-        if getattr(self, "_pipeline", None) is None:
-            from .pipelining import TorchPipeline
-
-            (j,) = self.transport.stages
-            self._pipeline = TorchPipeline(self.executors[j], self.cfg.schedule, j, self.n,
-                                           self.transport.device, classification_loss)
-        return self._pipeline
 
     def _set_lr(self) -> None:
         cfg = self.cfg
@@ -269,19 +290,6 @@ class Trainer:
         for ex in self.executors.values():
             for group in ex.optimizer.param_groups:
                 group["lr"] = cfg.lr * factor
-
-    def _schedules(self, count: int) -> list[tuple[Any, int]]:
-        cfg = self.cfg
-        if cfg.schedule in ASYNC or cfg.schedule in ("backprop", "local", "forward-grad"):
-            return [(build(cfg.schedule, self.n, count, cfg.accumulate), 0)]
-        sizes = [min(cfg.micro_batches, count - s) for s in range(0, count, cfg.micro_batches)]
-        if len(sizes) > 1 and sizes[-1] < self.n:  # too short to fill the pipeline: join the step before
-            sizes[-2] += sizes.pop()
-        steps, start = [], 0
-        for size in sizes:
-            steps.append((build(cfg.schedule, self.n, size), start))
-            start += size
-        return steps
 
     def _gather(self, record: dict) -> dict:
         """Share the last stage's loss and accuracy with every rank (a no-op in one process)."""
@@ -292,41 +300,6 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def _kill_switch(stages: list[int], epoch: int) -> Callable[[int], None]:
-    """Fault injection for tests: GRADXFORM_KILL_AT=stage:epoch:tick sends SIGKILL to that stage's
-    process at that tick (epochs counted from 0), as a crashed machine would."""
-    spec = os.environ.get("GRADXFORM_KILL_AT")
-    if not spec:
-        return lambda t: None
-    stage, at_epoch, at_tick = (int(x) for x in spec.split(":"))
-    if stage not in stages or at_epoch != epoch or len(stages) != 1:
-        return lambda t: None
-
-    def kill(t: int) -> None:
-        if t == at_tick:
-            import signal
-
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return kill
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, show: bool) -> Any:
-    if not show:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="tick", leave=False, dynamic_ncols=True)
 
 
 def plot(history: list[dict[str, Any]], path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,13 +68,17 @@ def test_sequence_and_token_heads():
     lm = compile_loaded(example("lm.py"), "dgl{stages=2,head=linear}").module
     head = _heads(lm)[0]
     assert head.per_token and head.classes == 256 and len(head.shape) == 2   # hidden states, not the mask
-    assert lm.gx_schedule == "local"
+    assert lm.gx_report["schedule"] == lm.gx_recipe.schedule == "local"
 
 
 def test_composites_name_their_schedule():
-    from gradxform.passes.base import resolve_pipeline
+    from gradxform.passes import compiled_schedule, resolve_pipeline
 
-    assert compile_loaded(example("mlp.py"), "fwd-local").module.gx_schedule == "forward-grad"
+    assert compile_loaded(example("mlp.py"), "fwd-local").module.gx_recipe.schedule == "forward-grad"
+    # a pass names the schedule in declared data; the last one named in the pipeline wins
+    assert compiled_schedule("petra{stages=2}") == "petra" and compiled_schedule("split") == "petra"
+    assert compiled_schedule("split,aux-heads{schedule=forward-grad{tangents=2}}") == "forward-grad{tangents=2}"
+    assert compiled_schedule("highway") is None and compiled_schedule("reversible,lowrank") is None
     text = " ".join(p.describe() for p in resolve_pipeline("dgl{stages=3,head=linear}"))
     assert "split{stages=3}" in text and "aux-heads{head=linear}" in text
 
@@ -116,7 +122,8 @@ def test_heads_survive_save_and_load(tmp_path):
             p.add_(1.0)  # trained heads must come back as they were, not re-initialised
     gradxform.save(module, tmp_path / "dgl")
     again = gradxform.load(tmp_path / "dgl")
-    assert again.gx_schedule == "local"
+    assert again.gx_recipe.schedule == "local"
+    assert json.loads((tmp_path / "dgl" / "manifest.json").read_text())["schedule"] == "local"
     a, b = module.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and any(".aux_head." in k for k in a)
     for k in a:

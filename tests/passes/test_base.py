@@ -10,10 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradxform.errors import PipelineError
-from gradxform.passes.base import (COMPOSITES, PASSES, Composite, Pass, build_options, convert, describe_pass,
-                                   load_builtin_passes, option, parse_pipeline, resolve_pipeline)
-
-load_builtin_passes()
+from gradxform.options import build_options, convert, option, parse_pipeline, type_name
+from gradxform.passes import COMPOSITES, PASSES, Composite, Pass, describe_pass, resolve_pipeline
 
 
 def test_parses_names_and_options():
@@ -140,7 +138,5 @@ def test_parser_round_trips(pipeline):
 
 
 def test_options_literal_type_name():
-    from gradxform.passes.base import type_name
-
     assert type_name(Literal["a", "b"]) == "a|b"
     assert type_name(tuple[str, ...]) == "list[str]"

@@ -9,8 +9,8 @@ from torch.testing import FileCheck
 import gradxform
 from gradxform.compiler import compile_loaded
 from gradxform.nn.highway import HighwayGRU, HighwaySegment
-from gradxform.runtime.engine import logits_of
-from gradxform.runtime.highway import gradient_cosines
+from gradxform.runtime.losses import logits_of
+from gradxform.autodiff.highway import gradient_cosines
 
 from ..conftest import example
 

@@ -182,8 +182,8 @@ def _train(pipeline: str, tmp, **cfg):
 
         staged = StagedModule([staged])
     train, test = digits(flat=True)
-    trainer = Trainer(staged, TrainConfig(out=str(tmp), progress=False, **cfg))
-    return trainer, trainer.fit(train, test, log=lambda s: None)
+    trainer = Trainer(staged, TrainConfig(out=str(tmp), **cfg))
+    return trainer, trainer.fit(train, test)
 
 
 @pytest.mark.slow

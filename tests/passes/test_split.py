@@ -11,7 +11,7 @@ from gradxform.compiler import compile_loaded, prepare
 from gradxform.errors import PipelineError
 from gradxform.frontend.loader import LoadedModel
 from gradxform.nn import StagedModule
-from gradxform.passes.base import resolve_pipeline
+from gradxform.passes import resolve_pipeline
 from gradxform.passes.manager import PassContext, PassManager, run_example
 
 from ..conftest import example

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gradxform.compiler import compile_loaded
-from gradxform.runtime.engine import InProcess, classification_loss, first_inputs, run_schedule
+from gradxform.runtime.engine import InProcess, run_schedule
+from gradxform.runtime.losses import classification_loss
 from gradxform.runtime.executor import StageExecutor, TrainingError
-from gradxform.runtime.launch import stage_inverses
-from gradxform.runtime.schedules import build
+from gradxform.runtime.schedules import make_schedule
 
 from ..conftest import example
 
@@ -24,18 +24,19 @@ def run(schedule: str, stages: int, target: str = "mlp.py", pipeline: str | None
     gen = torch.Generator().manual_seed(1)
     xs = [data_scale * torch.randn(8, *shape, generator=gen, dtype=torch.float64) for _ in range(count)]
     ys = [torch.randint(0, 10, (8,), generator=gen) for _ in range(count)]
-    inverses = stage_inverses(staged) if schedule == "petra" else {}
-    exs = {j: StageExecutor(j, len(staged.stages), st, schedule, torch.optim.SGD(st.parameters(), lr=lr),
+    inverses = staged.inverses() if schedule == "petra" else {}
+    sched = make_schedule(schedule, **({"micro_batches": micro_batches} if micro_batches else {"accumulate": accumulate}))
+    exs = {j: StageExecutor(j, len(staged.stages), st, sched, torch.optim.SGD(st.parameters(), lr=lr),
                             classification_loss, inverses.get(j))
            for j, st in enumerate(staged.stages)}
     transport = InProcess(len(staged.stages))
     if micro_batches:
         for start in range(0, count, micro_batches):
-            run_schedule(build(schedule, len(staged.stages), micro_batches), exs, transport,
-                         lambda mb, s=start: first_inputs(staged, (xs[mb + s],), {}), lambda mb, s=start: ys[mb + s])
+            run_schedule(sched.ticks(len(staged.stages), micro_batches), exs, transport,
+                         lambda mb, s=start: staged.first_inputs((xs[mb + s],), {}), lambda mb, s=start: ys[mb + s])
     else:
-        run_schedule(build(schedule, len(staged.stages), count, accumulate), exs, transport,
-                     lambda mb: first_inputs(staged, (xs[mb],), {}), lambda mb: ys[mb])
+        run_schedule(sched.ticks(len(staged.stages), count), exs, transport,
+                     lambda mb: staged.first_inputs((xs[mb],), {}), lambda mb: ys[mb])
     weights = [p.detach().clone() for p in staged.parameters()]
     losses = exs[len(staged.stages) - 1].stats.losses
     return weights, losses, exs
@@ -84,7 +85,7 @@ def test_kept_memory_per_policy():
     for schedule in ("stash", "dsp", "petra"):
         _, _, exs = run(schedule, 4, target="vit.py", pipeline="petra{stages=4}", count=8, accumulate=1)
         kept[schedule] = [exs[j].stats.peak_kept_bytes for j in range(4)]
-    inverses = [j for j, ex in exs.items() if ex.policy == "invert"]
+    inverses = [j for j, ex in exs.items() if ex.policy.name == "invert"]
     assert inverses == [1, 2]
     assert all(kept["petra"][j] == 0 for j in inverses)
     assert all(kept["dsp"][j] > 0 for j in inverses)

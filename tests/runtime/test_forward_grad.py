@@ -8,10 +8,12 @@ import torch.nn as nn
 
 import gradxform
 from gradxform.errors import GradxformError
-from gradxform.runtime.engine import InProcess, classification_loss, first_inputs, run_schedule
+from gradxform.runtime.engine import InProcess, run_schedule
+from gradxform.runtime.losses import classification_loss
 from gradxform.runtime.executor import StageExecutor
-from gradxform.runtime.forward_grad import per_sample_losses, project, push
-from gradxform.runtime.schedules import build
+from gradxform.autodiff.forward_grad import project, push
+from gradxform.runtime.losses import per_sample_losses
+from gradxform.runtime.schedules import make_schedule
 
 D64 = dict(dtype=torch.float64)
 
@@ -89,13 +91,15 @@ def _staged(pipeline: str, model: nn.Module | None = None):
 
 
 def _train(staged, schedule: str, steps: int = 3, **kw):
-    exs = {j: StageExecutor(j, len(staged.stages), st, schedule, torch.optim.SGD(st.parameters(), lr=0.5),
-                            classification_loss, **kw) for j, st in enumerate(staged.stages)}
+    sched = make_schedule(schedule, **kw)
+    sched.check(staged)  # what the schedule requires of the model, as the Trainer checks it
+    exs = {j: StageExecutor(j, len(staged.stages), st, sched, torch.optim.SGD(st.parameters(), lr=0.5),
+                            classification_loss) for j, st in enumerate(staged.stages)}
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(5, 6, generator=gen, **D64) for _ in range(steps)]
     ys = [torch.randint(0, 3, (5,), generator=gen) for _ in range(steps)]
-    run_schedule(build(schedule, len(staged.stages), steps), exs, InProcess(len(staged.stages)),
-                 lambda mb: first_inputs(staged, (xs[mb],), {}), lambda mb: ys[mb])
+    run_schedule(sched.ticks(len(staged.stages), steps), exs, InProcess(len(staged.stages)),
+                 lambda mb: staged.first_inputs((xs[mb],), {}), lambda mb: ys[mb])
     return exs
 
 
@@ -134,9 +138,9 @@ def test_local_schedule_trains_each_stage_on_its_head_only():
     x, y = torch.randn(5, 6, **D64), torch.randint(0, 3, (5,))
     expected = torch.autograd.grad(classification_loss(stage0.aux_head(stage0(x)[0]), y),
                                    list(stage0.parameters()))
-    exs = {j: StageExecutor(j, 2, st, "local", torch.optim.SGD(st.parameters(), lr=0.0), classification_loss)
+    exs = {j: StageExecutor(j, 2, st, make_schedule("local"), torch.optim.SGD(st.parameters(), lr=0.0), classification_loss)
            for j, st in enumerate(staged.stages)}
-    sched = build("local", 2, 1)
+    sched = make_schedule("local").ticks(2, 1)
     # stop before the update to read the gradients
     sched.ticks = [[[a for a in acts if a.kind != "update"] for acts in row] for row in sched.ticks]
     transport = InProcess(2)
@@ -200,13 +204,14 @@ def test_non_finite_local_losses_and_estimates_name_the_stage():
 
     staged = _staged("split{at=cls},aux-heads{head=linear}")
     with pytest.raises(TrainingError, match="stage 0: non-finite auxiliary loss"):
-        exs = {j: StageExecutor(j, 2, st, "local", torch.optim.SGD(st.parameters(), lr=0.1), classification_loss)
+        exs = {j: StageExecutor(j, 2, st, make_schedule("local"), torch.optim.SGD(st.parameters(), lr=0.1), classification_loss)
                for j, st in enumerate(staged.stages)}
-        run_schedule(build("local", 2, 1), exs, InProcess(2), lambda mb: (torch.full((5, 6), float("nan"), **D64),),
+        run_schedule(make_schedule("local").ticks(2, 1), exs, InProcess(2), lambda mb: (torch.full((5, 6), float("nan"), **D64),),
                      lambda mb: torch.zeros(5, dtype=torch.long))
-    ex = StageExecutor(0, 2, staged.stages[0], "forward-grad", torch.optim.SGD(staged.stages[0].parameters(), lr=0.1),
+    ex = StageExecutor(0, 2, staged.stages[0], make_schedule("forward-grad"), torch.optim.SGD(staged.stages[0].parameters(), lr=0.1),
                        classification_loss)
     h = torch.randn(5, 8, **D64, requires_grad=True)
     keep = Kept(outputs=h * 2, tangents=torch.randn(1, 5, 8, **D64))
     with pytest.raises(TrainingError, match="stage 0: non-finite forward-gradient estimate"):
-        ex._backward_tangents(keep, (torch.full((1, 5), float("inf"), **D64),))
+        ex.kept[0] = keep
+        ex.backward(0, {"derivatives": (torch.full((1, 5), float("inf"), **D64),)})

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradxform.nn.highway import HighwayGRU, HighwaySegment
-from gradxform.runtime.highway import suffix_scan, sequential_scan
+from gradxform.autodiff.highway import suffix_scan, sequential_scan
 
 
 @settings(max_examples=40, deadline=None)
@@ -132,14 +132,14 @@ def test_highway_gru_gradients_equal_backprop_through_nn_gru():
 @given(n=st.integers(1, 30), seed=st.integers(0, 2**16))
 def test_parallel_matrix_scan_equals_the_sequential_recurrence(n, seed):
     """The LSTM's K: 2 x 2 matrices of diagonals on (h, c)."""
-    from gradxform.runtime.highway import matrix_suffix_scan, sequential_matrix_scan
+    from gradxform.autodiff.highway import matrix_suffix_scan, sequential_matrix_scan
 
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(n, 2, 2, 3, 4, generator=g, dtype=torch.float64) * 1.2
     b = torch.randn(n, 2, 3, 4, generator=g, dtype=torch.float64)
     torch.testing.assert_close(matrix_suffix_scan(a, b), sequential_matrix_scan(a, b), rtol=1e-12, atol=1e-12)
     # with a zero first column (an LSTM's K) the scan reduces to a diagonal one on the cell part
-    from gradxform.runtime.highway import reduced_matrix_scan
+    from gradxform.autodiff.highway import reduced_matrix_scan
 
     a[:, :, 0] = 0
     torch.testing.assert_close(reduced_matrix_scan(a, b), sequential_matrix_scan(a, b), rtol=1e-12, atol=1e-12)
@@ -174,8 +174,8 @@ def test_highway_lstm_equals_nn_lstm_forward_and_at_k_equal_steps_backward():
 
 def test_segment_and_engine_errors():
     from gradxform.nn.highway import make_residual
-    from gradxform.runtime.highway import Group, Segment, _Rerun, gradient_cosines
-    from gradxform.runtime.highway import LSTMResidual, Residual
+    from gradxform.autodiff.highway import Group, Segment, _Rerun, gradient_cosines
+    from gradxform.autodiff.highway import LSTMResidual, Residual
 
     with pytest.raises(ValueError, match="one residual kind per block"):
         HighwaySegment([Block(), Block()], ["add"])

@@ -6,7 +6,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradxform.runtime.schedules import ASYNC, SCHEDULES, build, delay, in_flight
+from gradxform.errors import PipelineError
+from gradxform.runtime.schedules import SCHEDULES, make_schedule
+from gradxform.runtime.schedules.ticks import delay
+
+ASYNC = sorted(n for n, cls in SCHEDULES.items() if cls.family == "asynchronous")
+SCHEDULE_NAMES = sorted(SCHEDULES)
+
+
+def build(name, stages, micro_batches, accumulate=1):
+    """The tick table of schedule ``name``, accumulating ``accumulate`` backwards where it can."""
+    schedule = make_schedule(name)
+    if hasattr(schedule.options, "accumulate"):
+        schedule = make_schedule(name, accumulate=accumulate)
+    return schedule.ticks(stages, micro_batches)
+
+
+def in_flight(table):
+    return table.in_flight()
 
 
 def when(schedule, kind):
@@ -70,7 +87,7 @@ def test_backprop_runs_one_stage_at_a_time():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(SCHEDULES), st.integers(1, 5), st.integers(1, 9), st.integers(1, 4))
+@given(st.sampled_from(SCHEDULE_NAMES), st.integers(1, 5), st.integers(1, 9), st.integers(1, 4))
 def test_every_schedule_respects_message_order(name, J, M, k):
     s = build(name, J, M, k)
     fwd, bwd = when(s, "forward"), when(s, "backward")
@@ -110,21 +127,25 @@ def test_forward_grad_has_the_backprop_tick_table():
 
 
 def test_schedule_options():
-    from gradxform.runtime.schedules import parse_schedule
-
-    assert parse_schedule("forward-grad{guess=random, tangents=4,combine=mean}") == (
-        "forward-grad", {"guess": "random", "tangents": 4, "combine": "mean"})
-    assert parse_schedule("petra") == ("petra", {})
-    for bad, msg in [("forward-grad{guess=best}", "guess must be one of local, random"),
-                     ("forward-grad{tangents=0}", "tangents must be a positive integer"),
-                     ("forward-grad{k=2}", "unknown forward-grad option 'k'"),
-                     ("petra{stages=2}", "takes no options"), ("forward-grad{guess=local", "unclosed")]:
-        with pytest.raises(ValueError, match=msg):
-            parse_schedule(bad)
+    s = make_schedule("forward-grad{guess=random, tangents=4,combine=mean}")
+    assert (s.name, s.options.guess, s.options.tangents, s.options.combine) == ("forward-grad", "random", 4, "mean")
+    assert s.describe() == "forward-grad{guess=random,tangents=4,combine=mean}"
+    assert make_schedule("petra").describe() == "petra"
+    assert make_schedule("1f1b{micro_batches=2}").options.micro_batches == 2  # a name may start with a digit
+    for bad, msg in [("forward-grad{guess=best}", "expected one of local, random, got 'best'"),
+                     ("forward-grad{tangents=0}", "tangents must be at least 1"),
+                     ("forward-grad{k=2}", "schedule 'forward-grad' has no option 'k'"),
+                     ("petra{stages=2}", "schedule 'petra' has no option 'stages'"),
+                     ("forward-grad{guess=local", "unclosed"),
+                     ("petra,dsp", "one schedule at a time")]:
+        with pytest.raises(PipelineError, match=msg):
+            make_schedule(bad)
+    with pytest.raises(PipelineError, match="schedule 'gpipe' has no option 'accumulate'"):
+        make_schedule("gpipe", accumulate=2)
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown schedule 'pipedream'"):
+    with pytest.raises(PipelineError, match="unknown schedule 'pipedream'"):
         build("pipedream", 2, 2)
     with pytest.raises(ValueError, match="at least 1"):
         build("petra", 0, 2)

@@ -31,14 +31,13 @@ def _staged(pipeline: str, seed: int = 0):
 @pytest.mark.slow
 def test_digits_backprop_and_petra(tmp_path):
     from gradxform.runtime.data import digits
-    from gradxform.runtime.launch import stage_inverses
 
     train, test = digits()
     acc = {}
     for schedule in ("backprop", "petra"):
         staged = _staged("petra{stages=4}")
-        cfg = TrainConfig(schedule=schedule, epochs=6, out=str(tmp_path / schedule), progress=False)
-        history = Trainer(staged, cfg, inverses=stage_inverses(staged)).fit(train, test, log=lambda s: None)
+        cfg = TrainConfig(schedule=schedule, epochs=6, out=str(tmp_path / schedule))
+        history = Trainer(staged, cfg).fit(train, test)
         acc[schedule] = history[-1]["test_accuracy"]
     assert acc["backprop"] >= 0.95
     assert acc["petra"] >= acc["backprop"] - 0.02, acc
@@ -48,13 +47,13 @@ def test_resume_continues_to_the_same_result(tmp_path):
     from gradxform.runtime.data import digits
 
     train, test = digits()
-    full = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=2, out=str(tmp_path / "a"), progress=False))
-    full.fit(train, test, log=lambda s: None)
-    half = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=1, out=str(tmp_path / "b"), progress=False))
-    half.fit(train, test, log=lambda s: None)
+    full = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=2, out=str(tmp_path / "a")))
+    full.fit(train, test)
+    half = Trainer(_staged("split{stages=2}"), TrainConfig(epochs=1, out=str(tmp_path / "b")))
+    half.fit(train, test)
     rest = Trainer(_staged("split{stages=2}", seed=123),  # other initial weights: the checkpoint must win
-                   TrainConfig(epochs=2, out=str(tmp_path / "b"), resume=True, progress=False))
-    rest.fit(train, test, log=lambda s: None)
+                   TrainConfig(epochs=2, out=str(tmp_path / "b"), resume=True))
+    rest.fit(train, test)
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [m["step_losses"] for m in a] == [m["step_losses"] for m in b]
     assert a[-1]["test_accuracy"] == b[-1]["test_accuracy"]
@@ -75,8 +74,8 @@ def test_digits_local_learning_and_forward_gradients(tmp_path):
     for name, pipeline, schedule in [("backprop", "split{stages=2}", "backprop"), ("dgl", "dgl{stages=2}", "auto"),
                                      ("fwd-local", "fwd-local{stages=4}", "forward-grad{guess=local}"),
                                      ("fwd-random", "fwd-local{stages=4}", "forward-grad{guess=random}")]:
-        cfg = TrainConfig(schedule=schedule, epochs=4, out=str(tmp_path / name), progress=False)
-        acc[name] = Trainer(_staged(pipeline), cfg).fit(train, test, log=lambda s: None)[-1]["test_accuracy"]
+        cfg = TrainConfig(schedule=schedule, epochs=4, out=str(tmp_path / name))
+        acc[name] = Trainer(_staged(pipeline), cfg).fit(train, test)[-1]["test_accuracy"]
     print("digits test accuracy:", acc)
     assert acc["backprop"] >= 0.95
     assert acc["dgl"] >= acc["backprop"] - 0.03, acc
@@ -97,7 +96,7 @@ def test_cli_train_picks_the_schedule_the_model_was_compiled_for(cli, tmp_path):
     assert code == 2 and "stage 0 has no auxiliary head" in err
     code, _, err = cli("train", str(EXAMPLES / "mlp.py"), "--schedule", "forward-grad{guess=best}",
                        "--out", str(tmp_path / "bad"))
-    assert code == 2 and "guess must be one of local, random" in err
+    assert code == 2 and "option 'guess' of 'forward-grad': expected one of local, random, got 'best'" in err
 
 
 def test_config_errors():

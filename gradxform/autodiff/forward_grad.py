@@ -17,11 +17,12 @@ import contextlib
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+import torch.autograd.forward_ad as fwAD
+import torch.fx as fx
 
 from ..errors import GradxformError
-from ..state import frozen_buffers
-from .highway import _math_attention, batch_statistics_only
+from ..ir.match import scope
+from ..state import batch_statistics_only, frozen_buffers, math_attention
 
 EPS = 1e-14
 
@@ -50,18 +51,6 @@ def make_tangents(h: torch.Tensor, guess: torch.Tensor | None, k: int, generator
     return torch.stack(rows[:k])
 
 
-def per_sample_losses(out: Any, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample terms of the training loss (their sum is ``classification_loss``): (N,)."""
-    from .engine import logits_of
-
-    logits = logits_of(out)
-    n = logits.shape[0]
-    if logits.dim() > 2:
-        per = F.cross_entropy(logits.flatten(0, -2), target.flatten(), reduction="none").reshape(n, -1)
-        return per.sum(1) / per.numel()
-    return F.cross_entropy(logits, target, reduction="none") / n
-
-
 @contextlib.contextmanager
 def forward_mode_safe(module: torch.nn.Module) -> Iterator[None]:
     """The documented workarounds for torch 2.13's forward-mode gaps, while tangents are pushed."""
@@ -73,7 +62,7 @@ def forward_mode_safe(module: torch.nn.Module) -> Iterator[None]:
         # LSTM's mkldnn kernel has no forward-mode rule; mkldnn stays on otherwise (CPU convolutions use it)
         lstm = any(isinstance(m, torch.nn.LSTM) for m in module.modules())
         mkldnn = torch.backends.mkldnn.flags(enabled=False) if lstm else contextlib.nullcontext()
-        with batch_statistics_only([module]), _math_attention(), mkldnn, frozen_buffers(module):
+        with batch_statistics_only([module]), math_attention(), mkldnn, frozen_buffers(module):
             yield
     finally:
         if mha is not None:
@@ -112,11 +101,6 @@ def push(fn: Callable[..., Any], primals: tuple, tangents: tuple, where: str, mo
 
 def _located(module: Any, primals: list, tangents: list, where: str, error: Exception) -> GradxformError:
     """Re-run the stage node by node with dual numbers to name the op and layer that fails."""
-    import torch.autograd.forward_ad as fwAD
-    import torch.fx as fx
-
-    from ..ir.match import scope
-
     first = str(error).strip().splitlines()[0]
     hint = ("forward-grad pushes tangents through every stage after the first: keep this layer in the first "
             "stage (split{at=...}) or train with the local schedule")

@@ -24,13 +24,13 @@ in that re-run without updating their running statistics (the forward already di
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..state import batch_statistics_only, frozen_buffers, math_attention
 from ..state import plain_path as _plain_path
 
 
@@ -262,30 +262,6 @@ class Segment:
     modules: Sequence[nn.Module] = ()   # for the BatchNorm switch in the re-run
 
 
-@contextlib.contextmanager
-def batch_statistics_only(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Training-mode BatchNorm uses its batch statistics without touching its running statistics."""
-    changed = []
-    for m in modules:
-        for sub in m.modules():
-            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training and sub.track_running_stats:
-                sub.track_running_stats = False
-                changed.append(sub)
-    try:
-        yield
-    finally:
-        for sub in changed:
-            sub.track_running_stats = True
-
-
-def _math_attention() -> Any:
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - older torch
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
-
-
 def run_forward(seg: Segment, h0: torch.Tensor, step_side: torch.Tensor | None, shared: tuple) -> torch.Tensor:
     """All states ``h_0 .. h_L`` stacked along a new first dimension."""
     states = [h0]
@@ -320,7 +296,7 @@ class _Rerun:
         self.z: list[Any] = []     # per group: its blocks' outputs (stacked over members when batched)
         self.idx: list[torch.Tensor] = []
         # the math attention kernel: the fused CPU/GPU kernels have no vmap batching rule
-        with torch.enable_grad(), batch_statistics_only(seg.modules), _math_attention():
+        with torch.enable_grad(), batch_statistics_only(seg.modules), math_attention():
             for g in seg.groups:
                 self.z.append(self._run(g))
         # every iteration reads each group's inputs and outputs without their graph: take them once
@@ -486,8 +462,6 @@ def gradient_cosines(model: nn.Module, loss_fn: Callable[[nn.Module], torch.Tens
     ``loss_fn(model)`` runs the model and returns a scalar loss. Buffers (BatchNorm statistics) are
     restored after every evaluation, so each k sees the same model.
     """
-    from ..state import frozen_buffers
-
     segments = [m for m in model.modules() if hasattr(m, "highway_iterations")]
     if not segments:
         raise ValueError("the model has no highway segment (run the 'highway' pass first)")

@@ -1,4 +1,4 @@
-"""``gradxform compile | passes | inspect | export``.
+"""``gradxform compile | passes | schedules | inspect | train | export``: argument handling and printing.
 
 Imports are lazy: ``gradxform passes`` and ``--help`` answer without importing torch.
 """
@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from .. import __version__
+
 EMITS = ("pt", "onnx", "dot", "svg", "json")
 
 
@@ -20,7 +22,7 @@ def _log(msg: str) -> None:
 
 
 def _emit_list(text: str) -> list[str]:
-    from .errors import GradxformError, did_you_mean
+    from ..errors import GradxformError, did_you_mean
 
     items = [e.strip() for e in text.split(",") if e.strip()]
     for e in items:
@@ -30,7 +32,7 @@ def _emit_list(text: str) -> list[str]:
 
 
 def _writable(folder: Path) -> None:
-    from .errors import ExportError
+    from ..errors import ExportError
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -43,10 +45,10 @@ def _writable(folder: Path) -> None:
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
-    from .compiler import compile_loaded
-    from .export.report import format_compile
-    from .frontend.loader import load
-    from .passes.base import resolve_pipeline
+    from ..compiler import compile_loaded
+    from ..export.report import format_compile
+    from ..frontend.loader import load
+    from ..passes import resolve_pipeline
 
     emit = _emit_list(a.emit)
     out = Path(a.out)
@@ -60,12 +62,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
     written, failures = [], []
     module = result.module
     if "pt" in emit:
-        from .export.artefact import save
+        from ..export.artefact import save
 
         save(module, out)
         written.append("model (manifest.json, weights.pt, source/, code/)")
     if "dot" in emit or "svg" in emit:
-        from .export.render import render, to_dot
+        from ..export.render import render, to_dot
 
         title = f"{loaded.spec} · {a.pipeline}"
         if "dot" in emit:
@@ -80,7 +82,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     if "onnx" in emit:
         from tqdm import tqdm
 
-        from .export.onnx import export_all
+        from ..export.onnx import export_all
 
         n = 1 + len(getattr(module, "stages", []))
         with tqdm(total=n, desc="onnx export", unit="graph", file=sys.stderr, disable=None) as bar:
@@ -100,14 +102,14 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
-    from .passes.base import COMPOSITES, PASSES, describe_pass, load_builtin_passes
-
-    load_builtin_passes()
+    from ..passes import COMPOSITES, PASSES, describe_pass
     if a.name:
         d = describe_pass(a.name)
         print(f"{d['name']}: {d['summary']}")
         if d.get("composite"):
             print(f"  composite: {d['composite']}")
+        if d.get("schedule"):
+            print(f"  compiles for the schedule: {d['schedule']}")
         if d.get("doc"):
             print()
             print("  " + "\n  ".join(line.strip() for line in d["doc"].splitlines()))
@@ -129,10 +131,36 @@ def cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedules(a: argparse.Namespace) -> int:
+    from ..runtime.schedules import SCHEDULES, describe_schedule
+
+    if a.name:
+        d = describe_schedule(a.name)
+        print(f"{d['name']}: {d['summary']} ({d['family']})")
+        if d["doc"]:
+            print()
+            print("  " + "\n  ".join(line.strip() for line in d["doc"].splitlines()))
+        back = ", ".join(d["backward"]) if d["backward"] else "none: no message crosses a stage boundary backwards"
+        print(f"\n  messages: forward ({', '.join(d['forward'])}); backward ({back})")
+        if d["options"]:
+            print("\n  options:")
+            for o in d["options"]:
+                print(f"    {o['name']}: {o['type']} = {o['default']}\n        {o['doc']}")
+        else:
+            print("\n  options: none")
+        return 0
+    for name in sorted(SCHEDULES):
+        d = describe_schedule(name)
+        print(f"{name:<14} {d['family']:<13} {d['summary']}")
+        for o in d["options"]:
+            print(f"    {o['name']}: {o['type']} = {o['default']}  — {o['doc']}")
+    return 0
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from .compiler import inspect_loaded
-    from .export.report import format_inspect
-    from .frontend.loader import load
+    from ..compiler import inspect_loaded
+    from ..export.report import format_inspect
+    from ..frontend.loader import load
 
     info = inspect_loaded(load(a.target, a.input_shape), a.tracer)
     if a.json:
@@ -143,7 +171,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .export.artefact import load
+    from ..export.artefact import load
 
     emit = _emit_list(a.emit)
     folder = Path(a.artefact)
@@ -153,14 +181,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     recipe = module.gx_recipe
     failures = []
     if "svg" in emit or "dot" in emit:
-        from .export.render import render, to_dot
+        from ..export.render import render, to_dot
 
         if "dot" in emit:
             (out / "graph.dot").write_text(to_dot(module, recipe.pipeline))
         if "svg" in emit:
             render(module, out / "graph.svg", recipe.pipeline)
     if "onnx" in emit:
-        from .export.onnx import export_all
+        from ..export.onnx import export_all
 
         for r in export_all(module, recipe.args, recipe.kwargs, out, a.onnx_exporter):
             print(f"{r.name}.onnx: " + (f"max|Δ| {r.max_abs_diff:.2g}" if r.ok else f"FAILED: {r.error}"))
@@ -171,14 +199,15 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .runtime.launch import train_main
+    from .train import cmd_train as train
 
-    return train_main(a)
+    return train(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gradxform", description="A model compiler for training algorithms.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"gradxform {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def model_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("target", metavar="FILE[:ATTR]", help="model file; ATTR names an nn.Module or a factory")
@@ -208,18 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the analysis as JSON")
     i.set_defaults(func=cmd_inspect)
 
-    t = sub.add_parser("train", help="train a compiled (staged) model with a pipeline schedule")
+    t = sub.add_parser("train", help="train a compiled (staged) model with a schedule",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("target", metavar="DIR|FILE[:ATTR]", help="an artefact folder from 'compile', or a model file")
     t.add_argument("--pass", "-p", dest="pipeline", default=None, metavar="PIPELINE",
                    help="compile a model file first (default: split{stages=NPROC})")
     t.add_argument("--schedule", default="auto",
-                   help="petra | stash | dsp | delayed-exact | backprop | gpipe | 1f1b | auto (default: auto, "
-                        "backprop for one stage, petra for several)")
+                   help="the training algorithm, e.g. petra or 'forward-grad{tangents=4}' (see 'gradxform "
+                        "schedules'); auto: the one the model was compiled for (backprop for one stage, "
+                        "petra for several when the passes name none)")
     t.add_argument("--nproc", type=int, default=1, help="processes, one stage each (1: all stages in-process)")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--batch-size", type=int, default=32, help="samples per micro-batch")
-    t.add_argument("--micro-batches", type=int, default=4, help="gpipe/1f1b: micro-batches per step")
-    t.add_argument("--accumulate", type=int, default=1, help="backwards per optimizer step (k)")
+    t.add_argument("--micro-batches", type=int, default=None,
+                   help="sets the schedule's micro_batches option (gpipe/1f1b: micro-batches per step; default 4)")
+    t.add_argument("--accumulate", type=int, default=None,
+                   help="sets the schedule's accumulate option (backwards per optimizer step; default 1)")
     t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     t.add_argument("--lr", type=float, default=0.05)
     t.add_argument("--momentum", type=float, default=0.9)
@@ -240,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 
+    sc = sub.add_parser("schedules", help="list the training schedules and their options")
+    sc.add_argument("name", nargs="?", help="show one schedule in full")
+    sc.set_defaults(func=cmd_schedules)
+
     e = sub.add_parser("export", help="re-export ONNX / pictures from a compiled artefact folder")
     e.add_argument("artefact", metavar="DIR")
     e.add_argument("--emit", default="onnx,svg,dot")
@@ -250,8 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .errors import GradxformError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare 'gradxform': say what it can do
+        parser.print_help()
+        return 0
+    from ..errors import GradxformError
 
     started = time.perf_counter()
     try:
