@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from ..api import staged
 from ..errors import GradxformError
 from ..runtime.data import datasets_for
+from ..runtime.checkpoint import RunFolder
 from ..runtime.distributed import PointToPoint, init_rank, leave
 from ..runtime.train import Callback, TrainConfig, Trainer
 
@@ -35,8 +38,9 @@ def config_from(a: argparse.Namespace) -> TrainConfig:
     return TrainConfig(schedule=a.schedule, epochs=a.epochs, batch_size=a.batch_size, micro_batches=a.micro_batches,
                        accumulate=a.accumulate, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum,
                        weight_decay=a.weight_decay, lr_schedule=a.lr_schedule, data=a.data, seed=a.seed, out=a.out,
-                       checkpoint_every=a.checkpoint_every, resume=a.resume, rank_every=a.rank_every,
-                       rank_warmup=a.rank_warmup, rank_cutoff=a.rank_cutoff)
+                       checkpoint_every=a.checkpoint_every, resume=a.resume, overwrite=a.overwrite,
+                       rank_every=a.rank_every, rank_warmup=a.rank_warmup, rank_cutoff=a.rank_cutoff,
+                       command=" ".join(["gradxform", *sys.argv[1:]]))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -45,10 +49,17 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise GradxformError("--nproc must be at least 1")
     if "RANK" in os.environ:
         return rank_main(a, cfg)
-    if a.nproc > 1:
-        cfg.validate()  # options and typos fail here, once, before any rank starts
-        return spawn(a)
-    return train_here(a, cfg)
+    cfg.validate()  # options and typos fail here, once, before anything slow
+    # --out is checked and locked before the model is compiled, and stays locked until the job ends
+    folder = RunFolder(Path(cfg.out))
+    run = folder.open(resume=cfg.resume, overwrite=cfg.overwrite,
+                      record={"seed": cfg.seed, "command": cfg.command, "nproc": a.nproc,
+                              "config": {k: v for k, v in vars(a).items() if k != "func"}})
+    cfg.run_id = run["id"]
+    try:
+        return spawn(a, cfg) if a.nproc > 1 else train_here(a, cfg)
+    finally:
+        folder.close()
 
 
 class Reporter(Callback):
@@ -60,6 +71,8 @@ class Reporter(Callback):
 
     def on_resume(self, trainer: Trainer) -> None:
         if self.show:
+            for note in trainer.resume_notes:
+                print(f"skipped checkpoint {note}", flush=True)
             print(f"resumed from {trainer.out / 'checkpoints'} after epoch {trainer.epoch}", flush=True)
 
     def on_epoch_start(self, trainer: Trainer, ticks: int) -> None:
@@ -105,12 +118,12 @@ def _model(a: argparse.Namespace, stages: int) -> Any:
     return staged(a.target, a.pipeline, stages=stages, input_shapes=a.input_shape, tracer=a.tracer, seed=a.seed)
 
 
-def train_here(a: argparse.Namespace, cfg: Any) -> int:
+def train_here(a: argparse.Namespace, cfg: TrainConfig) -> int:
     """Every stage in this process."""
     module = _model(a, 1)
     trainer = Trainer(module, cfg, callbacks=_callbacks(a, show=True))
     recipe = module.gx_recipe
-    train, test = datasets_for(module, recipe.args, recipe.kwargs, cfg.data, cfg.seed)
+    train, test = checked_datasets(module, recipe, cfg)
     final = trainer.fit(train, test)[-1]
     print(f"final test accuracy: {final['test_accuracy']:.2%} after {final['epoch']} epochs "
           f"({trainer.schedule.describe()}, {trainer.n} stage(s), {final['wall_time']:.1f}s); "
@@ -118,36 +131,79 @@ def train_here(a: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
-def rank_main(a: argparse.Namespace, cfg: Any) -> int:
-    """Body of one torchrun worker: join the group, load the model, train this rank's stage."""
+def checked_datasets(module: Any, recipe: Any, cfg: TrainConfig) -> tuple:
+    return datasets_for(module, recipe.args, recipe.kwargs, cfg.data, cfg.seed)
+
+
+def _die_with_parent(sig: int) -> None:
+    """Ask Linux to send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG), so that no
+    rank outlives a launcher killed by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the signal forwarding below still applies
+        pass
+
+
+STATUS_ENV = "GRADXFORM_STATUS_DIR"
+RUN_ENV = "GRADXFORM_RUN_ID"
+
+
+def _write_status(rank: int, text: str) -> None:
+    folder = os.environ.get(STATUS_ENV)
+    if folder:
+        Path(folder, f"rank{rank}").write_text(text)
+
+
+def rank_main(a: argparse.Namespace, cfg: TrainConfig) -> int:
+    """Body of one torchrun worker: join the group, load the model, train this rank's stage.
+
+    It dies with torchrun's agent (a rank must never train on alone), and leaves a one-line status for
+    the launcher: ``ok``, ``user: <message>`` or ``error: <message>``; a rank that leaves none was killed.
+    """
+    parent = os.getppid()
+    _die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # the agent died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    cfg.run_id = os.environ.get(RUN_ENV)
 
     @record
     def main() -> int:
         rank, world, device = init_rank()
         try:
             module = _model(a, world)
-            if len(module.stages) != world:
-                raise GradxformError(
-                    f"the model has {len(module.stages)} stage(s) but {world} ranks were started",
-                    hint=f"compile with split{{stages={world}}} (or petra{{stages={world}}}), or use "
-                         f"--nproc {len(module.stages)}")
+            _check_stages(len(module.stages), world)
             module.to(device)
             recipe = module.gx_recipe
-            train, test = datasets_for(module, recipe.args, recipe.kwargs, cfg.data, cfg.seed)
+            train, test = checked_datasets(module, recipe, cfg)
             trainer = Trainer(module, cfg, PointToPoint(rank, world, device), callbacks=_callbacks(a, rank == 0))
             final = trainer.fit(train, test)[-1]
             if rank == 0:
                 print(f"final test accuracy: {final['test_accuracy']:.2%} after {final['epoch']} epochs "
                       f"({trainer.schedule.describe()}, {world} ranks, {final['wall_time']:.1f}s)", flush=True)
             dist.barrier()
+            _write_status(rank, "ok")
             return 0
         except GradxformError as e:
+            _write_status(rank, f"user: {str(e).splitlines()[0]}")
             print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
+            raise
+        except Exception as e:
+            _write_status(rank, f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
             raise
         finally:
             leave()
 
     return main()
+
+
+def _check_stages(stages: int, world: int) -> None:
+    if stages != world:
+        raise GradxformError(f"the model has {stages} stage(s) but {world} ranks were started",
+                             hint=f"compile with split{{stages={world}}} (or petra{{stages={world}}}), or use "
+                                  f"--nproc {stages}")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -164,14 +220,72 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
-def spawn(a: argparse.Namespace) -> int:
-    """Start ``a.nproc`` ranks on this machine through torchrun; returns its exit code."""
-    argv = _without_nproc(sys.argv[1:])
+def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
+    """Start ``a.nproc`` ranks on this machine through torchrun; returns the job's exit code.
+
+    Everything that can be checked is checked here first, once: the options, the model (compiled once,
+    so a stage count that does not match ``--nproc`` is one message), the data, and ``--out``, which
+    this process locks for the job's lifetime. torchrun runs in its own process group: SIGINT and
+    SIGTERM sent to this process are forwarded to it (it stops its ranks), and it is told to stop when
+    this process dies, even by SIGKILL. When a rank fails, the message names it.
+    """
+    module = _model(a, a.nproc)
+    _check_stages(len(module.stages), a.nproc)
+    Trainer(module, cfg)  # the schedule's requirements (heads, ...) and the options, before any rank starts
+    checked_datasets(module, module.gx_recipe, cfg)
+    # the ranks must not wipe the folder this process just checked (and holds locked)
+    argv = [x for x in _without_nproc(sys.argv[1:]) if x != "--overwrite"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            "--monitor-interval=1", "-m", "gradxform", *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode:
-        print(f"error: training stopped: a rank failed (exit code {proc.returncode}); see the messages above",
-              file=sys.stderr)
-    return proc.returncode
+    status = Path(tempfile.mkdtemp(prefix="gradxform-ranks-"))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               **{STATUS_ENV: str(status), RUN_ENV: cfg.run_id or ""})
+    try:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True,
+                                preexec_fn=lambda: _die_with_parent(signal.SIGTERM))
+        stopped: list[int] = []
+
+        def forward(sig: int, frame: Any) -> None:
+            stopped.append(sig)
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            code = proc.wait()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        if stopped:
+            print(f"interrupted: stopped the {a.nproc} ranks ({signal.Signals(stopped[0]).name}); "
+                  f"continue with --resume", file=sys.stderr)
+            return 130
+        if code:
+            return _report_failure(status, a.nproc, code)
+        return 0
+    finally:
+        shutil.rmtree(status, ignore_errors=True)
+
+
+def _report_failure(status: Path, world: int, code: int) -> int:
+    """Name the rank that failed first: one that left no status was killed; a user error is exit 2."""
+    said = {r: (status / f"rank{r}").read_text() for r in range(world) if (status / f"rank{r}").exists()}
+    silent = [r for r in range(world) if r not in said]
+    users = {r: t[len("user: "):] for r, t in said.items() if t.startswith("user: ")}
+    if users:
+        r = min(users)
+        print(f"error: training stopped: rank {r} (stage {r}): {users[r]}", file=sys.stderr)
+        return 2
+    if silent:
+        others = [f"rank {r}: {t}" for r, t in sorted(said.items()) if t != "ok"]
+        print(f"error: training stopped: rank {', '.join(map(str, silent))} (stage {', '.join(map(str, silent))}) "
+              f"died without a word (killed by a signal: out of memory, SIGKILL, or its machine)"
+              + (f"; then {'; '.join(others)}" if others else ""), file=sys.stderr)
+        print("  hint: continue from the last committed checkpoint with --resume", file=sys.stderr)
+        return 1
+    errors = [f"rank {r}: {t}" for r, t in sorted(said.items()) if t != "ok"]
+    print(f"error: training stopped (exit code {code}): " + ("; ".join(errors) or "see the messages above"),
+          file=sys.stderr)
+    return 1

@@ -80,11 +80,59 @@ def load_data(spec: str, input_shape: tuple[int, ...], classes: int, seed: int =
     except (ImportError, AttributeError) as e:
         raise GradxformError(f"--data {spec}: {e}", hint="module:function must be importable "
                              "(run from its folder or put it on PYTHONPATH)") from None
-    out = fn()
+    try:
+        out = fn()
+    except Exception as e:  # the user's own code: say where it failed, not a traceback
+        raise GradxformError(f"--data {spec} raised {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+                             hint=f"run {module_name}.{fn_name}() on its own to see the whole traceback") from None
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise GradxformError(f"--data {spec} returned {type(out).__name__}",
                              hint="return (train_dataset, test_dataset), each yielding (input, label)")
     return tuple(out)
+
+
+def tensors_of(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of a dataset, stacked (a TensorDataset's own tensors when it is one)."""
+    if hasattr(dataset, "tensors") and len(dataset.tensors) == 2:
+        return dataset.tensors
+    items = [dataset[i] for i in range(len(dataset))]
+    if not items:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    xs, ys = zip(*items)
+    return torch.stack([torch.as_tensor(x) for x in xs]), torch.as_tensor(ys)
+
+
+def check_dataset(name: str, dataset: Any, input_shape: tuple[int, ...], classes: int, spec: str) -> None:
+    """A dataset the model can train on: samples of the input shape, integer labels in [0, classes),
+    at least one sample, finite inputs. Each failure names the set, the sample and what to fix."""
+    where = f"--data {spec}: the {name} set"
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise GradxformError(f"{where} has no length", hint="return map-style datasets (e.g. TensorDataset)") from None
+    if n == 0:
+        raise GradxformError(f"{where} is empty", hint="return at least one (input, label) sample in each set")
+    try:
+        x, y = tensors_of(dataset)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise GradxformError(f"{where}: its samples are not (input, label) pairs of tensors: {e}",
+                             hint="each item must be (input tensor, integer label)") from None
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise GradxformError(f"{where} has inputs of shape {tuple(x.shape[1:])}, the model takes {tuple(input_shape)}",
+                             hint="reshape the inputs, or compile the model for that shape")
+    if y.dtype.is_floating_point or y.dtype == torch.bool or y.dim() not in (1, 2):
+        raise GradxformError(f"{where} has labels of dtype {str(y.dtype).replace('torch.', '')} and shape "
+                             f"{tuple(y.shape)}", hint="labels are integer class indices (int64): one per sample, or one per token")
+    labels = y.reshape(len(y), -1)
+    outside = (labels < 0) | (labels >= classes)
+    if outside.any():
+        i = int(outside.any(1).nonzero()[0])
+        raise GradxformError(f"{where}: sample {i} has label {int(labels[i][outside[i]][0])}, outside the model's "
+                             f"{classes} classes (0..{classes - 1})",
+                             hint="relabel the data, or give the model as many outputs as classes")
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        i = int((~torch.isfinite(x.flatten(1))).any(1).nonzero()[0])
+        raise GradxformError(f"{where}: sample {i} has a NaN or infinite input", hint="clean or drop that sample")
 
 
 def datasets_for(staged: Any, args: tuple, kwargs: dict, spec: str, seed: int = 0) -> tuple:
@@ -98,4 +146,8 @@ def datasets_for(staged: Any, args: tuple, kwargs: dict, spec: str, seed: int = 
     with torch.no_grad():
         classes = logits_of(staged(*args, **kwargs)).shape[-1]
     staged.train()
-    return load_data(spec, tuple(args[0].shape[1:]), classes, seed)
+    shape = tuple(args[0].shape[1:])
+    train, test = load_data(spec, shape, classes, seed)
+    for name, dataset in (("training", train), ("test", test)):
+        check_dataset(name, dataset, shape, classes, spec)
+    return train, test

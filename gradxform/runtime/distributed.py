@@ -102,6 +102,10 @@ class PointToPoint:
         _wait(self.previous + self.pending)
         self.previous, self.pending = [], []
 
+    def barrier(self) -> None:
+        """Every rank reaches this point (bounded by the group's timeout)."""
+        dist.barrier()
+
     def gather_record(self, record: dict) -> dict:
         """Every rank gets the last stage's loss and accuracy (all_reduce of the last rank's values)."""
         last = self.world - 1

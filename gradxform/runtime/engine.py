@@ -30,6 +30,8 @@ class Transport(Protocol):
 
     def flush(self) -> None: ...
 
+    def barrier(self) -> None: ...
+
 
 def message_bytes(message: Message) -> int:
     return sum(t.numel() * t.element_size() for field in message.values() for t in field
@@ -55,6 +57,9 @@ class InProcess:
         pass
 
     def flush(self) -> None:
+        pass
+
+    def barrier(self) -> None:
         pass
 
 

@@ -3,15 +3,15 @@
 Each epoch is one schedule over all of its micro-batches (asynchronous schedules run without a flush
 inside the epoch) or a sequence of steps of ``micro_batches`` (GPipe, 1F1B); the pipeline is drained
 at the end of every epoch, so evaluation and checkpoints see no in-flight micro-batch. A checkpoint
-holds, per stage, the weights, the optimizer state and the RNG state; resuming continues with the
-same data order, so an in-process run resumes to exactly the result of an uninterrupted one.
+(:mod:`gradxform.runtime.checkpoint`: whole or ignored) holds, per stage, the weights, the optimizer
+state and the RNG state, and the metrics so far; resuming continues with the same data order and the
+same random numbers, so a run resumes to exactly the result of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +21,8 @@ import torch
 
 from ..errors import GradxformError
 from ..nn.lowrank import AdaptiveRank, resize_usv
+from .data import tensors_of
+from .checkpoint import CheckpointError, Checkpoints, RunFolder, write_atomic
 from .engine import InProcess, Transport, evaluate, run_schedule
 from .executor import StageExecutor
 from .losses import classification_loss
@@ -46,7 +48,10 @@ class TrainConfig:
     rank_every: int = 0           # OIALR: truncate USV layers every N optimizer steps (0: never)
     rank_warmup: int = 0          # OIALR: optimizer steps before the first truncation
     rank_cutoff: float = 0.1      # OIALR: drop singular values below cutoff * sigma_max
-    resume: bool = False
+    resume: bool = False          # continue from the newest committed checkpoint in ``out``
+    overwrite: bool = False       # replace a run already in ``out`` (without it, that is refused)
+    command: str = ""             # the command line, recorded with the run
+    run_id: str | None = None     # set by a launcher that already checked and locked ``out``
 
     def make_schedule(self, staged: Any = None) -> Schedule:
         """The Schedule to train with: ``auto`` is the one ``staged`` was compiled for; the
@@ -111,17 +116,12 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 def micro_batches(dataset: Any, size: int, seed: int, epoch: int, shuffle: bool = True,
                   drop_last: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's micro-batches; the order depends only on (seed, epoch), identical on every rank."""
-    x, y = dataset.tensors if hasattr(dataset, "tensors") else _stack(dataset)
+    x, y = tensors_of(dataset)
     n = len(y)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle \
         else torch.arange(n)
     stop = n - n % size if drop_last else n
     return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, stop, size)]
-
-
-def _stack(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*[dataset[i] for i in range(len(dataset))])
-    return torch.stack(xs), torch.as_tensor(ys)
 
 
 class Callback:
@@ -178,6 +178,9 @@ class Trainer:
                                                            classification_loss)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.checkpoints = Checkpoints(self.out / "checkpoints", self.n)
+        self.resume_notes: list[str] = []
+        self.run: dict[str, Any] = {}
         self.rank0 = 0 in self.transport.stages
         self.last_host = self.n - 1 in self.transport.stages
 
@@ -186,27 +189,26 @@ class Trainer:
             getattr(cb, event)(self, *args)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def _ckpt(self, j: int) -> Path:
-        return self.out / "checkpoints" / f"stage{j}.pt"
-
     def save(self) -> None:
-        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        """Write this process's stages into the epoch's checkpoint; commit it once every stage has."""
         config = dict(asdict(self.cfg), schedule=self.schedule.describe())
         for j, ex in self.executors.items():
-            state = {"epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
-                     "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
-                     "rng": torch.get_rng_state(), "history": self.history, "config": config}
-            tmp = self._ckpt(j).with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self._ckpt(j))  # atomic: a crash leaves the previous checkpoint whole
+            self.checkpoints.write_stage(self.epoch, j, {
+                "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
+                "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
+                "rng": torch.get_rng_state(), "config": config})
+        self._barrier()  # every rank's stage file is on disk before rank 0 commits
+        if self.rank0:
+            self.checkpoints.commit(self.epoch, self.history)
 
     def load(self) -> bool:
-        paths = {j: self._ckpt(j) for j in self.executors}
-        if not all(p.exists() for p in paths.values()):
+        """Restore the newest committed checkpoint; False when there is none. Newer epochs that were
+        never committed are skipped and listed in ``resume_notes``."""
+        epoch, self.resume_notes = self.checkpoints.latest()
+        if epoch is None:
             return False
-        for j, path in paths.items():
-            state = torch.load(path, weights_only=True)
-            ex = self.executors[j]
+        for j, ex in self.executors.items():
+            state = self.checkpoints.read_stage(epoch, j)
             if resize_usv(ex.module, state["module"]):  # ranks were truncated before the checkpoint
                 ex.optimizer = make_optimizer(ex.module, self.cfg)
                 ex.refresh()
@@ -214,20 +216,55 @@ class Trainer:
                     self.adaptive[j].optimizer = ex.optimizer
             if j in self.adaptive:
                 self.adaptive[j].steps = state.get("rank_steps", 0)
-            ex.module.load_state_dict(state["module"])
-            ex.optimizer.load_state_dict(state["optimizer"])
+            try:
+                ex.module.load_state_dict(state["module"])
+                ex.optimizer.load_state_dict(state["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"the checkpoint of epoch {epoch}, stage {j}, does not fit this model: "
+                                      f"{str(e).strip().splitlines()[0]}",
+                                      hint="resume with the model and pipeline the run was started with, or "
+                                           "train afresh with --overwrite") from None
             torch.set_rng_state(state["rng"])
-            self.epoch, self.history = state["epoch"], state["history"]
+        self.epoch, self.history = epoch, self.checkpoints.history(epoch)
+        if self.rank0:  # the metrics of epochs after the checkpoint will be written again: drop them
+            write_atomic(self.out / "metrics.jsonl",
+                         lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history)))
         return True
+
+    def _barrier(self) -> None:
+        barrier = getattr(self.transport, "barrier", None)
+        if barrier is not None:
+            barrier()
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, train: Any, test: Any) -> list[dict[str, Any]]:
         """Train until ``cfg.epochs`` (resuming from the checkpoints in ``cfg.out`` when ``cfg.resume``);
         returns one record per epoch (also appended to ``metrics.jsonl``, plotted to ``training.png``)."""
         cfg = self.cfg
-        if cfg.resume and self.load():
+        folder = None
+        if self.rank0 and cfg.run_id is None:  # a launcher that started ranks already holds the folder
+            folder = RunFolder(self.out)
+            self.run = folder.open(resume=cfg.resume, overwrite=cfg.overwrite, stages=self.n,
+                                   record={"seed": cfg.seed, "command": cfg.command, "schedule": self.schedule.describe(),
+                                           "config": dict(asdict(cfg), schedule=self.schedule.describe())})
+        else:
+            self.run = {"id": cfg.run_id, "seed": cfg.seed, "command": cfg.command}
+        try:
+            return self._fit(train, test)
+        finally:
+            if folder is not None:
+                folder.close()
+
+    def _fit(self, train: Any, test: Any) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        if cfg.resume:
+            if not self.load():
+                raise CheckpointError(f"--resume: {self.out} holds no committed checkpoint to resume from",
+                                      hint="drop --resume to start a new run (or check --out)")
             self._emit("on_resume")
-        torch.manual_seed(cfg.seed + self.epoch)
+        else:
+            # a resumed run continues the RNG stream saved with its checkpoint (dropout, random tangents)
+            torch.manual_seed(cfg.seed)
         test_batches = micro_batches(test, cfg.batch_size, cfg.seed, 0, shuffle=False, drop_last=False)
         test_feed = [(self.staged.first_inputs((x,), {}), y) for x, y in test_batches]
         started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
@@ -262,6 +299,7 @@ class Trainer:
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
             self.epoch += 1
             record = {"epoch": self.epoch, "schedule": self.schedule.describe(),
+                      "run": {"id": self.run.get("id"), "seed": cfg.seed, "command": cfg.command},
                       "train_loss": sum(losses) / len(losses) if losses else None,
                       "step_losses": losses if losses else [0.0] * len(batches),
                       "test_accuracy": correct / total if total else None,
@@ -274,11 +312,11 @@ class Trainer:
                       "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}
             record = self._gather(record)
             self.history.append(record)
+            if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
+                self.save()  # the epoch's metrics are part of what it commits
             if self.rank0:
                 self._write_metrics(record)
             self._emit("on_epoch_end", record)
-            if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
-                self.save()
         if self.rank0:
             plot(self.history, self.out / "training.png")
         self._emit("on_fit_end")

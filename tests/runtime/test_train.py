@@ -59,8 +59,9 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert a[-1]["test_accuracy"] == b[-1]["test_accuracy"]
     for (k, x), (_, y) in zip(full.staged.state_dict().items(), rest.staged.state_dict().items()):
         assert torch.equal(x, y), k
-    assert (tmp_path / "b" / "checkpoints" / "stage1.pt").exists()
-    assert not list((tmp_path / "b" / "checkpoints").glob("*.tmp"))
+    assert (tmp_path / "b" / "checkpoints" / "epoch-0002" / "stage1.pt").exists()
+    assert not list((tmp_path / "b" / "checkpoints").rglob("*.tmp"))
+    assert not (tmp_path / "b" / "checkpoints" / "epoch-0001").exists()  # dropped once epoch 2 committed
 
 
 @pytest.mark.slow
