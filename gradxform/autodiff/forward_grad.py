@@ -69,11 +69,14 @@ def forward_mode_safe(module: torch.nn.Module) -> Iterator[None]:
             mha.set_fastpath_enabled(fast)
 
 
-def push(fn: Callable[..., Any], primals: tuple, tangents: tuple, where: str, module: Any = None) -> Any:
+def push(fn: Callable[..., Any], primals: tuple, tangents: tuple, where: str, module: Any = None,
+         rng: torch.Tensor | None = None) -> Any:
     """JVPs of ``fn`` at ``primals`` along every tangent (each entry (m, ...) or None), batched over m.
 
-    Returns ``fn``'s tangent outputs, each with a leading dimension m. An op without a forward-mode
-    rule raises a GradxformError naming the op and the layer.
+    Returns ``fn``'s tangent outputs, each with a leading dimension m. ``rng``: the RNG state ``fn``'s
+    forward ran with; replayed, and shared by every tangent (``vmap(randomness="same")``), so dropout
+    differentiates the mask the forward drew. An op without a forward-mode rule raises a
+    GradxformError naming the op and the layer.
     """
     active = [i for i, t in enumerate(tangents) if t is not None and isinstance(primals[i], torch.Tensor)
               and primals[i].is_floating_point()]
@@ -91,7 +94,10 @@ def push(fn: Callable[..., Any], primals: tuple, tangents: tuple, where: str, mo
         return torch.func.jvp(f, tuple(base[i] for i in active), ts)[1]
 
     try:
-        return torch.func.vmap(call)(*(tangents[i] for i in active))
+        with torch.random.fork_rng(devices=[]):
+            if rng is not None:
+                torch.set_rng_state(rng)
+            return torch.func.vmap(call, randomness="same")(*(tangents[i] for i in active))
     except RuntimeError as e:
         if "forward" not in str(e).lower() and "jvp" not in str(e).lower():
             raise

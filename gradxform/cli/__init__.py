@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the ranks are started with, and recorded
     if args.command is None:  # bare 'gradxform': say what it can do
         parser.print_help()
         return 0

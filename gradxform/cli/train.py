@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def config_from(a: argparse.Namespace) -> TrainConfig:
                        weight_decay=a.weight_decay, lr_schedule=a.lr_schedule, data=a.data, seed=a.seed, out=a.out,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, overwrite=a.overwrite,
                        rank_every=a.rank_every, rank_warmup=a.rank_warmup, rank_cutoff=a.rank_cutoff,
-                       command=" ".join(["gradxform", *sys.argv[1:]]))
+                       command=" ".join(["gradxform", *a.argv]))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     folder = RunFolder(Path(cfg.out))
     run = folder.open(resume=cfg.resume, overwrite=cfg.overwrite,
                       record={"seed": cfg.seed, "command": cfg.command, "nproc": a.nproc,
-                              "config": {k: v for k, v in vars(a).items() if k != "func"}})
+                              "config": {k: v for k, v in vars(a).items() if k not in ("func", "argv")}})
     cfg.run_id = run["id"]
     try:
         return spawn(a, cfg) if a.nproc > 1 else train_here(a, cfg)
@@ -168,6 +169,9 @@ def rank_main(a: argparse.Namespace, cfg: TrainConfig) -> int:
     if os.getppid() != parent:  # the agent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
     cfg.run_id = os.environ.get(RUN_ENV)
+    folder = os.environ.get(STATUS_ENV)
+    if folder:
+        Path(folder, f"rank{os.environ.get('RANK')}.pid").write_text(str(os.getpid()))
 
     @record
     def main() -> int:
@@ -234,7 +238,7 @@ def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
     Trainer(module, cfg)  # the schedule's requirements (heads, ...) and the options, before any rank starts
     checked_datasets(module, module.gx_recipe, cfg)
     # the ranks must not wipe the folder this process just checked (and holds locked)
-    argv = [x for x in _without_nproc(sys.argv[1:]) if x != "--overwrite"]
+    argv = [x for x in _without_nproc(a.argv) if x != "--overwrite"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            "--monitor-interval=1", "-m", "gradxform", *argv]
     status = Path(tempfile.mkdtemp(prefix="gradxform-ranks-"))
@@ -254,7 +258,7 @@ def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
 
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            code = proc.wait()
+            code = _wait(proc, status, a.nproc)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -269,6 +273,35 @@ def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
         shutil.rmtree(status, ignore_errors=True)
 
 
+GRACE_S = 5.0
+
+
+def _wait(proc: subprocess.Popen, status: Path, world: int) -> int:
+    """torchrun's exit code. Once a rank has failed, the others get ``GRACE_S`` seconds to stop: a
+    rank that is hung (stopped, or stuck outside a collective) cannot act on torchrun's SIGTERM, and
+    torchrun waits 30 s before its SIGKILL."""
+    failed_at = None
+    while True:
+        try:
+            return proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+        if failed_at is None:
+            said = [(status / f"rank{r}").read_text() for r in range(world) if (status / f"rank{r}").exists()]
+            if any(t != "ok" for t in said):
+                failed_at = time.monotonic()
+        elif time.monotonic() - failed_at > GRACE_S:
+            for r in range(world):
+                if not (status / f"rank{r}").exists() and (status / f"rank{r}.pid").exists():
+                    try:
+                        os.kill(int((status / f"rank{r}.pid").read_text()), signal.SIGKILL)
+                        (status / f"rank{r}").write_text("hung: it stopped responding after another rank "
+                                                         "failed, and was killed")
+                    except (ProcessLookupError, ValueError):
+                        pass
+            failed_at = float("inf")  # once
+
+
 def _report_failure(status: Path, world: int, code: int) -> int:
     """Name the rank that failed first: one that left no status was killed; a user error is exit 2."""
     said = {r: (status / f"rank{r}").read_text() for r in range(world) if (status / f"rank{r}").exists()}
@@ -278,6 +311,14 @@ def _report_failure(status: Path, world: int, code: int) -> int:
         r = min(users)
         print(f"error: training stopped: rank {r} (stage {r}): {users[r]}", file=sys.stderr)
         return 2
+    hung = {r: t for r, t in said.items() if t.startswith("hung: ")}
+    if hung:
+        r = min(hung)
+        others = [f"rank {q}: {t}" for q, t in sorted(said.items()) if q != r and t != "ok"]
+        print(f"error: training stopped: rank {r} (stage {r}) {hung[r][len('hung: '):]}"
+              + (f"; {'; '.join(others)}" if others else ""), file=sys.stderr)
+        print("  hint: continue from the last committed checkpoint with --resume", file=sys.stderr)
+        return 1
     if silent:
         others = [f"rank {r}: {t}" for r, t in sorted(said.items()) if t != "ok"]
         print(f"error: training stopped: rank {', '.join(map(str, silent))} (stage {', '.join(map(str, silent))}) "

@@ -101,15 +101,39 @@ def load(folder: str | Path, verify_source: bool = True) -> Any:
     """Rebuild the transformed model saved in ``folder``; see the module docstring for what it trusts."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    source = folder / manifest["source"]
+    source = (folder / str(manifest.get("source", ""))).resolve()
+    if not source.is_relative_to(folder.resolve()) or not source.is_file():
+        raise ExportError(f"{folder / 'manifest.json'}: its source {manifest.get('source')!r} is not a file inside "
+                          f"the artefact folder", hint="an artefact imports only the copy of the model file it holds; "
+                                                       "recompile with 'gradxform compile'")
     if verify_source and _sha256(source) != manifest["source_sha256"]:
         raise ExportError(f"{source} differs from the file the artefact was compiled from",
                           hint="recompile, or call load(..., verify_source=False) if the change is intended")
     module = import_file(source)
     model, attr = find_model(module, source, manifest["attr"])
-    model.load_state_dict(torch.load(folder / "original.pt", weights_only=True))
-    inputs = torch.load(folder / "inputs.pt", weights_only=True)
+    _load_into(model, folder / "original.pt")
+    inputs = _tensors(folder / "inputs.pt")
     loaded = LoadedModel(model, tuple(inputs["args"]), dict(inputs["kwargs"]), path=source, attr=attr)
     result = compile_loaded(loaded, manifest["pipeline"], tracer=manifest["tracer"], check=False)
-    result.module.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    _load_into(result.module, folder / "weights.pt")
     return result.module
+
+
+def _tensors(path: Path) -> Any:
+    """A tensor file of the artefact, read without unpickling code; damage is a message, not a traceback."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read it is damage (struct.error, EOFError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"cannot read {path}: {first}",
+                          hint="the artefact is damaged or was not written by gradxform (only plain tensors are "
+                               "loaded, never pickled code); recompile it") from None
+
+
+def _load_into(module: Any, path: Path) -> None:
+    try:
+        module.load_state_dict(_tensors(path))
+    except (RuntimeError, KeyError) as e:
+        raise ExportError(f"{path} does not fit the model rebuilt from the artefact's source: "
+                          f"{str(e).strip().splitlines()[0]}",
+                          hint="the source or the pipeline changed since it was compiled; recompile it") from None

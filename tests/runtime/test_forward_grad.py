@@ -74,6 +74,25 @@ def test_jvp_directional_derivative_equals_the_backprop_dot_product():
     assert torch.isclose(losses.sum(), classification_loss(rest(h), y))
 
 
+def test_tangents_through_dropout_see_the_forward_mask():
+    """With the forward's RNG state replayed, every tangent is pushed through the mask the forward drew:
+    the directional derivatives equal backprop's through that same mask."""
+    torch.manual_seed(0)
+    rest = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double().train()
+    h, y = torch.randn(5, 6, **D64), torch.randint(0, 3, (5,))
+    v = torch.randn(3, 5, 6, **D64)
+    rng = torch.get_rng_state()
+    h_ = h.clone().requires_grad_(True)
+    losses = per_sample_losses(rest(h_), y)          # the forward draws its mask here
+    d = push(lambda a: per_sample_losses(rest(a), y), (h,), (v,), "test", rng=rng)
+    for n in range(5):
+        (grad,) = torch.autograd.grad(losses[n], h_, retain_graph=True)
+        for i in range(3):
+            torch.testing.assert_close(d[i, n], (grad * v[i]).sum(), rtol=1e-12, atol=1e-14)
+    other = push(lambda a: per_sample_losses(rest(a), y), (h,), (v,), "test")  # another mask: other numbers
+    assert not torch.allclose(other, d)
+
+
 class _TwoLayer(nn.Module):
     def __init__(self):
         super().__init__()

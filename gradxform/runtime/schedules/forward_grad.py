@@ -58,6 +58,7 @@ class ForwardGradPolicy(Policy):
         tangents = tuple(message.get("tangents", (None,) * len(primals)))
         x = detach_tree(primals, grad=True)
         where = f"stage {ex.index}"
+        rng = torch.get_rng_state()  # the tangents are pushed through the masks this forward draws
         with torch.enable_grad(), ex.counting(keep):
             out = ex.call(x)
             if ex.last:
@@ -65,7 +66,7 @@ class ForwardGradPolicy(Policy):
         if ex.last:
             with forward_mode_safe(ex.module):
                 keep.derivatives = push(lambda *a: per_sample_losses(ex.module(*a), target), primals, tangents,
-                                        where, ex.module)
+                                        where, ex.module, rng)
             keep.outputs = loss
             ex.keep(mb, keep)
             return None
@@ -84,7 +85,7 @@ class ForwardGradPolicy(Policy):
         pushed = None
         if ex.index > 0:
             with forward_mode_safe(ex.module):
-                pushed = as_tuple(push(ex.module, primals, tangents, where, ex.module))
+                pushed = as_tuple(push(ex.module, primals, tangents, where, ex.module, rng))
         sent = []
         for i, o in enumerate(outs):
             if not (isinstance(o, torch.Tensor) and o.is_floating_point()):
