@@ -195,7 +195,12 @@ def rank_main(a: argparse.Namespace, cfg: TrainConfig) -> int:
             print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
             raise
         except Exception as e:
-            _write_status(rank, f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            if "timed out" in text.lower():  # a neighbour stopped answering: say so, not gloo's internals
+                text = f"timed out after {os.environ.get('GRADXFORM_TIMEOUT', '60')} s waiting for another rank"
+            else:
+                text = f"{type(e).__name__}: {text}"
+            _write_status(rank, f"error: {text}")
             raise
         finally:
             leave()
@@ -315,7 +320,7 @@ def _report_failure(status: Path, world: int, code: int) -> int:
     if hung:
         r = min(hung)
         others = [f"rank {q}: {t}" for q, t in sorted(said.items()) if q != r and t != "ok"]
-        print(f"error: training stopped: rank {r} (stage {r}) {hung[r][len('hung: '):]}"
+        print(f"error: training stopped: rank {r} (stage {r}) hung: {hung[r][len('hung: '):]}"
               + (f"; {'; '.join(others)}" if others else ""), file=sys.stderr)
         print("  hint: continue from the last committed checkpoint with --resume", file=sys.stderr)
         return 1

@@ -304,7 +304,7 @@ def test_an_artefact_source_outside_its_folder_is_refused(tmp_path, cli, source)
 # -- 5, 6. processes: signals to the launcher, a failed or hung rank ---------------------------------
 
 def _job_processes(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if marker in line and "ps -eo" not in line]
 
 
@@ -314,9 +314,10 @@ def _start(tmp_path, *extra, env=None):
            "--epochs", "40", "--no-progress", "--out", str(out), *extra]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, **(env or {})))
-    deadline = time.monotonic() + 120
-    while len(_job_processes(str(out))) < 4 and time.monotonic() < deadline:  # launcher, torchrun, 2 ranks
-        time.sleep(0.5)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)  # the ranks train once the first epoch's metrics are written
+    assert proc.poll() is None, proc.communicate()
     return proc, str(out)
 
 
@@ -340,7 +341,7 @@ def test_a_signal_to_the_launcher_leaves_no_process_behind(tmp_path, sig):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_hung_rank_ends_the_job_and_is_named(tmp_path):
-    proc, marker = _start(tmp_path, env={"GRADXFORM_TIMEOUT": "10"})
+    proc, marker = _start(tmp_path, env={"GRADXFORM_TIMEOUT": "30"})
     time.sleep(3)
     rank1 = _rank_pid(marker, 1)
     start = time.monotonic()
@@ -350,13 +351,13 @@ def test_a_hung_rank_ends_the_job_and_is_named(tmp_path):
     err = proc.stderr.read()
     assert proc.returncode == 1
     assert "rank 1 (stage 1) hung" in err, err
-    assert elapsed < 10 + 30, elapsed  # the timeout, a grace of 5 s, and no wait for torchrun's SIGKILL
+    assert elapsed < 30 + 25, elapsed  # the timeout, a grace of 5 s, and no wait for torchrun's SIGKILL
     assert not _job_processes(marker)
 
 
 def _rank_pid(marker: str, rank: int) -> int:
     """The pid of a rank: the job's worker whose environment says RANK=rank."""
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
     for line in out.splitlines()[1:]:
         if marker not in line or "torch.distributed.run" in line:
             continue
