@@ -96,14 +96,23 @@ class Reporter(Callback):
 
 class KillAt(Callback):
     """Fault injection for tests: ``GRADXFORM_KILL_AT=stage:epoch:tick`` sends SIGKILL to that stage's
-    process at that tick (epochs counted from 0), as a crashed machine would. Only in a process that
-    hosts that one stage (a rank)."""
+    process at that tick (epochs counted from 0), as a crashed machine would; ``stage:epoch:save`` once
+    it has written its part of that epoch's checkpoint (epochs counted from 1), before the commit. Only
+    in a process that hosts that one stage (a rank)."""
 
     def __init__(self, spec: str):
-        self.stage, self.epoch, self.tick = (int(x) for x in spec.split(":"))
+        stage, epoch, self.tick = spec.split(":")
+        self.stage, self.epoch = int(stage), int(epoch)
+
+    def _mine(self, trainer: Trainer) -> bool:
+        return trainer.transport.stages == [self.stage] and trainer.epoch == self.epoch
 
     def on_tick(self, trainer: Trainer, tick: int) -> None:
-        if trainer.transport.stages == [self.stage] and trainer.epoch == self.epoch and tick == self.tick:
+        if self.tick != "save" and self._mine(trainer) and tick == int(self.tick):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_save(self, trainer: Trainer) -> None:
+        if self.tick == "save" and self._mine(trainer):
             os.kill(os.getpid(), signal.SIGKILL)
 
 

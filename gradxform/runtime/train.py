@@ -137,6 +137,9 @@ class Callback:
     def on_tick(self, trainer: Trainer, tick: int) -> None:
         """A tick of the current epoch's schedule is done (counted from 0 within the epoch)."""
 
+    def on_save(self, trainer: Trainer) -> None:
+        """This process's stage files of epoch ``trainer.epoch`` are written; the epoch is not yet committed."""
+
     def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
         """The epoch's metrics (the same record on every rank)."""
 
@@ -197,6 +200,7 @@ class Trainer:
                 "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                 "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
                 "rng": torch.get_rng_state(), "config": config})
+        self._emit("on_save")
         self._barrier()  # every rank's stage file is on disk before rank 0 commits
         if self.rank0:
             self.checkpoints.commit(self.epoch, self.history)
