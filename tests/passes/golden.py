@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from gradxform.compiler import prepare
 from gradxform.frontend.loader import LoadedModel
-from gradxform.passes.base import resolve_pipeline
+from gradxform.passes import resolve_pipeline
 from gradxform.passes.manager import PassContext, PassManager, PassRecord
 
 

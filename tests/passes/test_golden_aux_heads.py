@@ -9,6 +9,8 @@ residual block.
 from __future__ import annotations
 
 import pytest
+
+from gradxform.passes import compiled_schedule
 import torch
 import torch.nn as nn
 
@@ -65,7 +67,7 @@ def test_a_linear_head_on_the_one_boundary():
     assert s0.aux_head.body[0].weight.dtype == torch.float64  # built in the stage's dtype
     assert not hasattr(s1, "aux_head")  # the last stage has the model's own loss
     assert rec.changed and rec.notes[0].startswith("stage 0: linear head on output 0 (N, 16) -> 3 classes")
-    assert staged.gx_schedule == "local"
+    assert compiled_schedule("aux-heads{head=linear}") == "local"  # the schedule the pass compiles for
 
 
 class ConvNet(nn.Module):
