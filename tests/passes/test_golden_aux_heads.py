@@ -9,12 +9,11 @@ residual block.
 from __future__ import annotations
 
 import pytest
-
-from gradxform.passes import compiled_schedule
 import torch
 import torch.nn as nn
 
 from gradxform.nn.heads import AuxHead
+from gradxform.passes import compiled_schedule
 
 from .golden import assert_graph, assert_tree, before, run
 
