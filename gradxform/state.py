@@ -29,6 +29,26 @@ def frozen_buffers(module: torch.nn.Module) -> Iterator[None]:
                 b.copy_(value)
 
 
+_TRANSIENT = [0]
+
+
+@contextlib.contextmanager
+def transient_graph() -> Iterator[None]:
+    """The caller backpropagates through what it runs here before anything else runs (a pipeline
+    stage's recompute, a last stage's forward and backward in one tick): a module whose backward trades
+    compute for memory (a reversible chain, a stored-input block) runs its plain maths instead, since
+    the graph it would avoid storing lives only that long."""
+    _TRANSIENT[0] += 1
+    try:
+        yield
+    finally:
+        _TRANSIENT[0] -= 1
+
+
+def in_transient_graph() -> bool:
+    return _TRANSIENT[0] > 0
+
+
 def plain_path() -> bool:
     """Whether a custom backward must step aside for the plain forward maths: under tracing, ONNX
     export or torch.compile/export (they see the ordinary ops, not an autograd.Function)."""

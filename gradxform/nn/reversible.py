@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..autodiff.reversible import (COUPLINGS, ChainFunction, LeapfrogCoupling, MomentumCoupling, State,
                                    StoredInputFunction)
-from ..state import frozen_buffers
+from ..state import frozen_buffers, in_transient_graph
 from ..state import plain_path as _plain_path
 
 __all__ = ["ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling", "COUPLINGS"]
@@ -79,7 +79,7 @@ class ReversibleChain(nn.Module):
         grads_needed = torch.is_grad_enabled() and (
             any(t.requires_grad for t in (*state, *side) if isinstance(t, torch.Tensor))
             or any(p.requires_grad for p in self.parameters()))
-        if not self.memory_saving or not grads_needed or _plain_path():
+        if not self.memory_saving or not grads_needed or _plain_path() or in_transient_graph():
             out = self.run_steps(state, side)
         else:
             params = [p for p in self.parameters() if p.requires_grad]
@@ -137,7 +137,7 @@ class StoredInputBlock(nn.Module):
         grads_needed = torch.is_grad_enabled() and (
             x.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in side)
             or any(p.requires_grad for p in self.parameters()))
-        if not grads_needed or _plain_path():
+        if not grads_needed or _plain_path() or in_transient_graph():
             return self.block(x, *side)
         params = [p for p in self.parameters() if p.requires_grad]
         return StoredInputFunction.apply(self, len(side), x, *side, *params)

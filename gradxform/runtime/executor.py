@@ -181,11 +181,10 @@ class StageExecutor:
                 self.pending = backwards
             if not self.pending:
                 return
-            for p in self.params:
-                if p.grad is not None:
-                    if self.pending > 1:
-                        p.grad.div_(self.pending)
-                    self.check(p.grad, "gradient")
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if self.pending > 1:
+                torch._foreach_div_(grads, self.pending)
+            self.check_all(grads, "gradient")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.pending = 0
@@ -259,6 +258,13 @@ class StageExecutor:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
+
+    def check_all(self, tensors: list[torch.Tensor], what: str) -> None:
+        """``check`` of many tensors in one fused reduction and one sync: a non-finite entry makes its
+        tensor's norm non-finite (a norm can also overflow on finite entries: then each is looked at)."""
+        if tensors and not torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all():
+            for t in tensors:
+                self.check(t, what)
 
     def check(self, t: torch.Tensor, what: str) -> None:
         if not torch.isfinite(t).all():

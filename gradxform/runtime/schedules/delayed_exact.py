@@ -26,4 +26,4 @@ class DelayedExact(Schedule):
         return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
-        return GraphPolicy(self.layout, snapshot=stage < stages - 1)
+        return GraphPolicy(self.layout, snapshot=stage < stages - 1, transient=stage == stages - 1)

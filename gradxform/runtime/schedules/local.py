@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ...state import transient_graph
 from ..executor import Kept, StageExecutor, detach_tree, detached
 from .base import AccumulateOptions, Layout, Message, Policy, Schedule, TickTable, register, require_heads
 from .policies import GraphPolicy
@@ -29,7 +30,7 @@ class LocalPolicy(Policy):
     def forward(self, ex: StageExecutor, mb: int, message: Message, target: Any) -> Message | None:
         keep = Kept()
         inputs = detach_tree(message["activations"], grad=False)
-        with torch.enable_grad(), ex.counting(keep):
+        with torch.enable_grad(), ex.counting(keep), transient_graph():  # backpropagated in this tick
             out = ex.call(inputs)
             keep.outputs, _ = ex.head_loss(out, target, detach=False)
         ex.keep(mb, keep)
@@ -54,7 +55,7 @@ class Local(Schedule):
         return local(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
-        return GraphPolicy(self.layout) if stage == stages - 1 else LocalPolicy(self.layout)
+        return GraphPolicy(self.layout, transient=True) if stage == stages - 1 else LocalPolicy(self.layout)
 
     def check(self, staged: Any) -> None:
         require_heads(self, staged)

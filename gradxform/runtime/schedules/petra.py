@@ -28,6 +28,6 @@ class Petra(Schedule):
         return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
-        if stage == stages - 1:
-            return GraphPolicy(self.layout)
+        if stage == stages - 1:  # forward and backward in one tick
+            return GraphPolicy(self.layout, transient=True)
         return RecomputePolicy(self.layout, "invert" if inverse is not None else "input")

@@ -18,11 +18,12 @@ the inputs themselves (reconstructed or stored), which the stage before inverts 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from ...state import frozen_buffers
+from ...state import frozen_buffers, transient_graph
 from ..executor import Kept, StageExecutor, backward_from, detach_tree, detached, input_gradients, replayed
 from .base import Layout, Message, Policy
 
@@ -36,18 +37,20 @@ def backward_message(layout: Layout, inputs: tuple) -> Message:
 
 
 class GraphPolicy(Policy):
-    """Keep the autograd graph (``snapshot``: of a forward on copies of the weights)."""
+    """Keep the autograd graph (``snapshot``: of a forward on copies of the weights). ``transient``:
+    the backward runs in the same tick as the forward (an asynchronous schedule's last stage), so
+    memory-saving modules need not recompute (:func:`gradxform.state.transient_graph`)."""
 
-    def __init__(self, layout: Layout, snapshot: bool = False):
+    def __init__(self, layout: Layout, snapshot: bool = False, transient: bool = False):
         super().__init__(layout)
-        self.snapshot = snapshot
+        self.snapshot, self.transient = snapshot, transient
         self.name = "snapshot" if snapshot else "graph"
 
     def forward(self, ex: StageExecutor, mb: int, message: Message, target: Any) -> Message | None:
         keep = Kept()
         inputs = detach_tree(message["activations"], grad=True)
         keep.weights = ex.weight_copies(grad=True) if self.snapshot else None
-        with torch.enable_grad(), ex.counting(keep):
+        with torch.enable_grad(), ex.counting(keep), transient_graph() if self.transient else nullcontext():
             out = ex.call(inputs, keep.weights)
             if ex.last:
                 out = ex.model_loss(out, target)
@@ -93,7 +96,8 @@ class RecomputePolicy(Policy):
         inputs = ex.inverse(*message["activations"]) if self.name == "invert" else keep.inputs
         inputs = detach_tree(inputs, grad=True)
         weights = {k: w.requires_grad_(True) for k, w in keep.weights.items()} if keep.weights else None
-        with torch.enable_grad(), replayed(keep.rng), frozen_buffers(ex.module):
+        # backpropagated at once: reversible chains and stored-input blocks need not recompute again
+        with torch.enable_grad(), replayed(keep.rng), frozen_buffers(ex.module), transient_graph():
             out = ex.call(inputs, weights)
             backward_from(out, message["gradients"])
         if weights is not None:

@@ -25,4 +25,4 @@ class Stash(Schedule):
         return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
-        return GraphPolicy(self.layout) if stage == stages - 1 else RecomputePolicy(self.layout, "stash")
+        return GraphPolicy(self.layout, transient=True) if stage == stages - 1 else RecomputePolicy(self.layout, "stash")
