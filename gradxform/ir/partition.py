@@ -13,12 +13,13 @@ import numpy as np
 
 
 def partition(weights: Sequence[float], candidates: Sequence[int], stages: int,
-              cross: Sequence[float] | None = None) -> list[int]:
+              cross: Sequence[float] | None = None, last: float = 1.0) -> list[int]:
     """Choose ``stages - 1`` cuts among ``candidates``.
 
     ``weights[i]`` is the cost of unit ``i``; a cut ``c`` puts units ``< c`` before it and the rest
     after (``0 < c < len(weights)``). ``cross[k]`` is the tie-breaking cost of using
-    ``candidates[k]``. Every stage must have positive cost: a stage that only reads sizes does no
+    ``candidates[k]``. ``last`` scales the last stage's cost: under a schedule whose other stages
+    recompute their forward in backward (PETRA) the last stage does less per unit of work. Every stage must have positive cost: a stage that only reads sizes does no
     work and would only add a hop. Returns the chosen cuts in increasing order; raises ValueError
     when no such partition exists.
     """
@@ -38,6 +39,7 @@ def partition(weights: Sequence[float], candidates: Sequence[int], stages: int,
     seg = prefix[points][None, :] - prefix[points][:, None]   # seg[k, j]: units points[k]..points[j]
     idle = working[points][None, :] - working[points][:, None] <= 0
     inf = np.inf
+    seg[:, -1] *= last                          # only the last stage ends at the last unit
     seg[idle | np.tri(m, dtype=bool)] = inf     # stages run forwards and each does some work
     # Phase 1: the minimal bottleneck. best[j] = min over partitions of 0..points[j] into s stages.
     best = np.where(np.arange(m) > 0, seg[0], inf)
@@ -68,6 +70,8 @@ def partition(weights: Sequence[float], candidates: Sequence[int], stages: int,
     return sorted(cuts)
 
 
-def stage_costs(weights: Sequence[float], cuts: Sequence[int]) -> list[float]:
+def stage_costs(weights: Sequence[float], cuts: Sequence[int], last: float = 1.0) -> list[float]:
     bounds = [0, *cuts, len(weights)]
-    return [float(sum(weights[a:b])) for a, b in zip(bounds, bounds[1:])]
+    costs = [float(sum(weights[a:b])) for a, b in zip(bounds, bounds[1:])]
+    costs[-1] *= last
+    return costs

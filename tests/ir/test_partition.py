@@ -50,3 +50,25 @@ def test_too_many_stages():
 
 def test_single_stage_has_no_cuts():
     assert partition([1, 2, 3], [1, 2], 1) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(problems(), st.sampled_from([0.5, 0.75, 1.0]))
+def test_a_cheaper_last_stage_is_weighed_as_such(problem, last):
+    """With the last stage's cost scaled (PETRA: it does not recompute), the bottleneck of the scaled
+    costs is still minimal against brute force."""
+    weights, cands, stages, cross = problem
+    options = [c for c in itertools.combinations(cands, stages - 1)
+               if stages == 1 or min(stage_costs(weights, c)) > 0]
+    if not options:
+        return
+    cuts = partition(weights, cands, stages, cross, last=last)
+    best = min(max(stage_costs(weights, c, last)) for c in options)
+    assert max(stage_costs(weights, cuts, last)) <= best + 1e-9 * max(1, best)
+
+
+def test_the_last_stage_takes_more_when_it_costs_less():
+    # eight equal units in two stages: 4 | 4 (bottleneck 4); with the last stage at 3/4 of the cost,
+    # 3 | 5 has the bottleneck max(3, 3.75) = 3.75 and wins
+    assert partition([1.0] * 8, range(1, 8), 2) == [4]
+    assert partition([1.0] * 8, range(1, 8), 2, last=0.75) == [3]
