@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from .. import __version__
+from .threads import set_threads
 
 EMITS = ("pt", "onnx", "dot", "svg", "json")
 
@@ -54,6 +55,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
     out = Path(a.out)
     resolve_pipeline(a.pipeline)  # fail on a typo before any slow work
     _writable(out)
+    _log(set_threads())
     _log(f"loading {a.target}")
     loaded = load(a.target, a.input_shape)
     _log(f"tracing and running {a.pipeline}")
@@ -162,7 +164,13 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     from ..export.report import format_inspect
     from ..frontend.loader import load
 
-    info = inspect_loaded(load(a.target, a.input_shape), a.tracer)
+    if Path(a.target).is_dir():  # an artefact folder: the model it was compiled from
+        from ..export.artefact import original
+
+        loaded = original(a.target)
+    else:
+        loaded = load(a.target, a.input_shape)
+    info = inspect_loaded(loaded, a.tracer)
     if a.json:
         print(json.dumps(info, indent=2, default=str))
     else:
@@ -209,20 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"gradxform {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def model_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("target", metavar="FILE[:ATTR]", help="model file; ATTR names an nn.Module or a factory")
+    def model_args(sp: argparse.ArgumentParser, artefacts: bool = False) -> None:
+        sp.add_argument("target", metavar="FILE[:ATTR]" + ("|DIR" if artefacts else ""),
+                        help="model file; ATTR names an nn.Module or a factory"
+                             + ("; or an artefact folder (the model it was compiled from)" if artefacts else ""))
         sp.add_argument("--input-shape", action="append", metavar="NAME:[d0,...][:dtype]",
                         help="example input for forward's NAME (repeatable) when the file has no example_inputs()")
         sp.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
                         help="auto: torch.fx.symbolic_trace, falling back to torch.export")
 
-    c = sub.add_parser("compile", help="trace a model, run a pass pipeline, write the artefacts")
+    c = sub.add_parser("compile", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="trace a model, run a pass pipeline, write the artefacts")
     model_args(c)
     c.add_argument("--pass", "-p", dest="pipeline", required=True, metavar="PIPELINE",
                    help="e.g. 'split{stages=4,balance=flops}'; see 'gradxform passes'")
     c.add_argument("-o", "--out", default="out", metavar="DIR", help="output folder (default: out)")
     c.add_argument("--emit", default=",".join(EMITS), help=f"artefacts to write (default: {','.join(EMITS)})")
-    c.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    c.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: the TorchScript exporter, falling back to the dynamo one")
     c.add_argument("--no-check", action="store_true", help="skip comparing outputs after each pass")
     c.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check")
     c.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check")
@@ -232,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("name", nargs="?", help="show one pass in full")
     ps.set_defaults(func=cmd_passes)
 
-    i = sub.add_parser("inspect", help="show blocks, cut points and costs the analysis finds")
-    model_args(i)
+    i = sub.add_parser("inspect", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="show blocks, cut points and costs the analysis finds")
+    model_args(i, artefacts=True)
     i.add_argument("--json", action="store_true", help="print the analysis as JSON")
     i.set_defaults(func=cmd_inspect)
 
@@ -247,16 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedules'); auto: the one the model was compiled for (backprop for one stage, "
                         "petra for several when the passes name none)")
     t.add_argument("--nproc", type=int, default=1, help="processes, one stage each (1: all stages in-process)")
-    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--epochs", type=int, default=5, help="passes over the training set")
     t.add_argument("--batch-size", type=int, default=32, help="samples per micro-batch")
     t.add_argument("--micro-batches", type=int, default=None,
                    help="sets the schedule's micro_batches option (gpipe/1f1b: micro-batches per step; default 4)")
     t.add_argument("--accumulate", type=int, default=None,
                    help="sets the schedule's accumulate option (backwards per optimizer step; default 1)")
-    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    t.add_argument("--lr", type=float, default=0.05)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd: Nesterov momentum; no weight decay on biases and norm weights with either")
+    t.add_argument("--lr", type=float, default=0.05, help="learning rate at the first epoch")
+    t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0: plain SGD)")
+    t.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay of the weight matrices")
     t.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: decay the learning rate to 0 over the epochs")
     t.add_argument("--data", default="digits", help="digits | synthetic | synthetic-deep | module:function")
@@ -264,25 +276,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OIALR (lowrank{mode=usv}): truncate ranks every STEPS optimizer steps (0: never)")
     t.add_argument("--rank-warmup", type=int, default=0, metavar="STEPS", help="OIALR: steps before the first")
     t.add_argument("--rank-cutoff", type=float, default=0.1, help="OIALR: drop sigma < cutoff * sigma_max")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default="runs/train", metavar="DIR", help="metrics, plot and checkpoints")
-    t.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS")
+    t.add_argument("--seed", type=int, default=0, help="initial weights, data order and every random draw")
+    t.add_argument("--out", default=None, metavar="DIR",
+                   help="metrics, plot and checkpoints (default: a new folder runs/MODEL-SCHEDULE-TIME)")
+    t.add_argument("--checkpoint-every", type=int, default=1, metavar="EPOCHS",
+                   help="epochs between committed checkpoints (the last epoch is always committed)")
     t.add_argument("--resume", action="store_true", help="continue from the last committed checkpoint in --out")
     t.add_argument("--overwrite", action="store_true", help="replace the run already in --out (else refused)")
-    t.add_argument("--input-shape", action="append", metavar="NAME:[d0,...][:dtype]")
-    t.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--input-shape", action="append", metavar="NAME:[d0,...][:dtype]",
+                   help="example input for forward's NAME when the model file has no example_inputs()")
+    t.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
+                   help="auto: torch.fx.symbolic_trace, falling back to torch.export")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (a line per epoch still)")
     t.set_defaults(func=cmd_train)
 
     sc = sub.add_parser("schedules", help="list the training schedules and their options")
     sc.add_argument("name", nargs="?", help="show one schedule in full")
     sc.set_defaults(func=cmd_schedules)
 
-    e = sub.add_parser("export", help="re-export ONNX / pictures from a compiled artefact folder")
-    e.add_argument("artefact", metavar="DIR")
-    e.add_argument("--emit", default="onnx,svg,dot")
+    e = sub.add_parser("export", formatter_class=argparse.ArgumentDefaultsHelpFormatter, help="re-export ONNX / pictures from a compiled artefact folder")
+    e.add_argument("artefact", metavar="DIR", help="an artefact folder from 'gradxform compile'")
+    e.add_argument("--emit", default="onnx,svg,dot", help="what to write: onnx, svg, dot")
     e.add_argument("-o", "--out", default=None, metavar="DIR", help="default: the artefact folder")
-    e.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto")
+    e.add_argument("--onnx-exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: the TorchScript exporter, falling back to the dynamo one")
     e.set_defaults(func=cmd_export)
     return p
 
@@ -305,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (gradxform inspect ... | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if os.environ.get("GRADXFORM_TIMING"):
         _log(f"[{args.command}: {time.perf_counter() - started:.2f}s]")
     return code

@@ -13,6 +13,7 @@ A process started by torchrun (RANK is set) trains its own stage directly.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -29,10 +30,12 @@ from tqdm import tqdm
 
 from ..api import staged
 from ..errors import GradxformError
+from ..passes import compiled_schedule
 from ..runtime.data import datasets_for
 from ..runtime.checkpoint import RunFolder
 from ..runtime.distributed import PointToPoint, init_rank, leave
 from ..runtime.train import Callback, TrainConfig, Trainer
+from .threads import set_threads, threads
 
 
 def config_from(a: argparse.Namespace) -> TrainConfig:
@@ -44,12 +47,30 @@ def config_from(a: argparse.Namespace) -> TrainConfig:
                        command=" ".join(["gradxform", *a.argv]))
 
 
+def default_out(a: argparse.Namespace) -> str:
+    """A fresh folder per run: runs/MODEL-SCHEDULE-TIME, so that runs never pile into one another."""
+    target = Path(a.target.split(":")[0])
+    model = target.name if target.is_dir() else target.stem + (f"-{a.target.split(':')[1]}" if ":" in a.target else "")
+    schedule = a.schedule.split("{")[0]
+    if schedule == "auto":
+        if target.is_dir() and (target / "manifest.json").exists():
+            schedule = json.loads((target / "manifest.json").read_text()).get("schedule") or "auto"
+        else:
+            schedule = compiled_schedule(a.pipeline or f"split{{stages={a.nproc}}}") or "backprop"
+        schedule = schedule.split("{")[0]
+    return str(Path("runs") / f"{model}-{schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    cfg = config_from(a)
     if a.nproc < 1:
         raise GradxformError("--nproc must be at least 1")
+    if a.out is None:
+        a.out = default_out(a)
+        a.argv = [*a.argv, "--out", a.out]  # the ranks write where this process said
+    cfg = config_from(a)
     if "RANK" in os.environ:
         return rank_main(a, cfg)
+    print(f"run folder: {a.out}", flush=True)
     cfg.validate()  # options and typos fail here, once, before anything slow
     # --out is checked and locked before the model is compiled, and stays locked until the job ends
     folder = RunFolder(Path(cfg.out))
@@ -130,6 +151,7 @@ def _model(a: argparse.Namespace, stages: int) -> Any:
 
 def train_here(a: argparse.Namespace, cfg: TrainConfig) -> int:
     """Every stage in this process."""
+    print(set_threads(1), flush=True)
     module = _model(a, 1)
     trainer = Trainer(module, cfg, callbacks=_callbacks(a, show=True))
     recipe = module.gx_recipe
@@ -256,8 +278,9 @@ def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
            "--monitor-interval=1", "-m", "gradxform", *argv]
     status = Path(tempfile.mkdtemp(prefix="gradxform-ranks-"))
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-               **{STATUS_ENV: str(status), RUN_ENV: cfg.run_id or ""})
+    n, why = threads(a.nproc)
+    print(f"threads: {n} per rank ({why}; set OMP_NUM_THREADS to choose)", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(n), **{STATUS_ENV: str(status), RUN_ENV: cfg.run_id or ""})
     try:
         proc = subprocess.Popen(cmd, env=env, start_new_session=True,
                                 preexec_fn=lambda: _die_with_parent(signal.SIGTERM))

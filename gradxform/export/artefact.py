@@ -101,6 +101,16 @@ def load(folder: str | Path, verify_source: bool = True) -> Any:
     """Rebuild the transformed model saved in ``folder``; see the module docstring for what it trusts."""
     folder = Path(folder)
     manifest = read_manifest(folder)
+    loaded = original(folder, verify_source)
+    result = compile_loaded(loaded, manifest["pipeline"], tracer=manifest["tracer"], check=False)
+    _load_into(result.module, folder / "weights.pt")
+    return result.module
+
+
+def original(folder: str | Path, verify_source: bool = True) -> LoadedModel:
+    """The model the artefact in ``folder`` was compiled from, before any pass, with its example inputs."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
     source = (folder / str(manifest.get("source", ""))).resolve()
     if not source.is_relative_to(folder.resolve()) or not source.is_file():
         raise ExportError(f"{folder / 'manifest.json'}: its source {manifest.get('source')!r} is not a file inside "
@@ -113,10 +123,7 @@ def load(folder: str | Path, verify_source: bool = True) -> Any:
     model, attr = find_model(module, source, manifest["attr"])
     _load_into(model, folder / "original.pt")
     inputs = _tensors(folder / "inputs.pt")
-    loaded = LoadedModel(model, tuple(inputs["args"]), dict(inputs["kwargs"]), path=source, attr=attr)
-    result = compile_loaded(loaded, manifest["pipeline"], tracer=manifest["tracer"], check=False)
-    _load_into(result.module, folder / "weights.pt")
-    return result.module
+    return LoadedModel(model, tuple(inputs["args"]), dict(inputs["kwargs"]), path=source, attr=attr)
 
 
 def _tensors(path: Path) -> Any:

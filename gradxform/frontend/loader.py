@@ -44,7 +44,8 @@ def split_target(target: str) -> tuple[Path, str | None]:
 def import_file(path: Path) -> Any:
     """Import a model file as a fresh module, with errors that point into the file."""
     if not path.exists():
-        raise ModelLoadError(f"no such file: {path}", hint="give the path to a Python file that defines the model")
+        raise ModelLoadError(f"no such file: {path}", hint="give the path to a Python file that defines the model, or (train, inspect, export) an artefact "
+                                  "folder written by 'gradxform compile -o DIR'")
     if path.is_dir() or path.suffix != ".py":
         raise ModelLoadError(f"{path} is not a Python file", hint="give a .py file, optionally with :ATTR")
     source = path.read_text()

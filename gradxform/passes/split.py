@@ -41,6 +41,9 @@ class Split(Pass):
     whole_model = True
     schedule = "petra"  # pipeline stages train with PETRA unless a later pass names another
 
+    def compiles_for(self) -> str | None:
+        return self.schedule if self.options.stages > 1 or self.options.at else None
+
     def run(self, gm: Any, ctx: Any) -> PassResult:
         from ..ir.analysis import analyse
         from ..ir.cost import evaluate, hints, node_costs

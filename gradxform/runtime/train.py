@@ -170,6 +170,9 @@ class Trainer:
             for j in self.transport.stages}
         self.adaptive: dict[int, AdaptiveRank] = {}
         if cfg.rank_every:
+            if not any(AdaptiveRank(stage, None, 1).layers() for stage in staged.stages):
+                raise GradxformError("--rank-every truncates the ranks of USV layers, and this model has none",
+                                     hint="compile with lowrank{mode=usv} first, or drop --rank-every")
             for j, ex in self.executors.items():
                 self.adaptive[j] = AdaptiveRank(ex.module, ex.optimizer, cfg.rank_every, cfg.rank_warmup,
                                                 cfg.rank_cutoff)
