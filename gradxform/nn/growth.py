@@ -1,0 +1,678 @@
+"""Growing a network while it trains (TINY): statistics, the best update, new neurons, line search.
+
+For a growable pair l1 -> sigma -> l2 (``gradxform.ir.growth``), over a statistical batch of n samples
+(for a convolution, every output position is a sample):
+
+    B     input of l2, unfolded, with a ones column when l2 has a bias          (n x dB)
+    dA    gradient of the *summed* loss at l2's output, one row per sample      (n x out)
+    B_-2  input of l1, unfolded, with a ones column when l1 has a bias          (n_-2 x d)
+    S = B^T B/n   M = B^T dA/n   S_-2 = B_-2^T B_-2/n_-2   M_-2 = Z^T dA/n   C = Z^T B/n
+
+where Z is B_-2 read at the positions l2's kernel covers (for a Linear, Z = B_-2). Then
+
+    dW* = (S^-1 M)^T                          the best move of l2's weights; it lowers the summed loss
+    D   = tr(M^T S^-1 M)                      by gamma n D + o(gamma)
+    N   = -M_-2 + C dW*^T                     = -Z^T v_proj / n, v_proj = dA - B dW*^T the bottleneck
+    S_-2^-1/2 N = U diag(s) V^T               new neurons alpha = (S_-2^-1/2 U_k sqrt(s_k))^T,
+                                              omega = V_k sqrt(s_k), first-order gain sigma'(0) sum s_k^2
+
+For a k x k second convolution N is exact, and S_-2 stands in for the covariance of each kernel
+offset's inputs (the covariance between neighbouring positions is dropped): the linear term -- and so
+the first-order gain -- is exact, the normalisation approximate. The line search measures the truth.
+
+The new neurons enter with a factor gamma on alpha and on omega (zero at gamma = 0: the function is
+unchanged) while l2 moves by -gamma dW*; gamma is chosen on a held-out batch. Parameters keep their
+identity (their data is replaced), so optimizer parameter groups stay valid; the optimizer's state
+grows with zeros for the new rows and columns and keeps the old entries (momentum is not lost).
+What caches shapes (DDP buckets, compiled graphs) must be rebuilt when a step reports ``grown``.
+
+Traps (ALGORITHMS.md): sums over many batches divided once; reduction='sum'; eigh with eigenvalues
+below 1e-6 dropped for S^-1/2; float64; norms between the layers grow too (gamma 1, beta 0, mean 0,
+variance 1). A batch norm in training mode normalises a new unit's input, so its scale then enters
+through omega alone: the function still starts unchanged and moves continuously with gamma.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..errors import GradxformError
+from ..ir.growth import GrowablePair, Layer, explain_none, growable_pairs
+from ..state import frozen_buffers
+
+# sigma'(0) of each activation: the right derivative for ReLU (a new unit starts on its linear side).
+SLOPE_AT_ZERO = {"relu": 1.0, "gelu": 0.5, "silu": 0.5, "tanh": 1.0, "sigmoid": 0.25}
+# The line search's scales: 0 and a log grid (the DAG code's), extended by decades while the loss falls.
+DEFAULT_GAMMAS = (0.0,) + tuple(10.0 ** (e / 2) for e in range(-8, 1))
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def summed_cross_entropy(output: Any, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over samples (statistics need reduction='sum': dA is per sample)."""
+    logits = output["logits"] if isinstance(output, dict) else output
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+
+
+def slope_at_zero(kinds: Sequence[str]) -> float:
+    """sigma'(0) of a chain of activations (1 with none)."""
+    return math.prod(SLOPE_AT_ZERO[k] for k in kinds)
+
+
+# ------------------------------------------------------------------------------------- statistics
+
+def input_rows(x: torch.Tensor, layer: Layer, gm: fx.GraphModule, ones: bool) -> torch.Tensor:
+    """A layer's input as one row per sample (every output position of a convolution is a sample)."""
+    if layer.kind == "conv":
+        cols = F.unfold(x, layer.kernel(gm), dilation=layer.dilation, padding=layer.padding, stride=layer.stride)
+        rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    if ones:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
+    return rows
+
+
+def output_rows(a: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "conv":
+        return a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
+    return a.reshape(-1, a.shape[-1])
+
+
+def kernel_rows(x_prev: torch.Tensor, hidden: torch.Tensor, pair: GrowablePair, gm: fx.GraphModule) -> torch.Tensor:
+    """Z: for each of l2's output positions, l1's unfolded inputs at every offset of l2's kernel.
+
+    Column ``i * K + q`` holds feature i of B_-2 at kernel offset q; zero padding of l2's input pads
+    the ones column too (a padded position has no unit, so no bias).
+    """
+    first, second = pair.first, pair.second
+    ones = first.bias is not None
+    if first.kind == "linear":
+        return input_rows(x_prev, first, gm, ones)
+    cols = F.unfold(x_prev, first.kernel(gm), dilation=first.dilation, padding=first.padding, stride=first.stride)
+    if ones:
+        cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
+    grid = cols.reshape(cols.shape[0], cols.shape[1], hidden.shape[2], hidden.shape[3])
+    z = F.unfold(grid, second.kernel(gm), dilation=second.dilation, padding=second.padding, stride=second.stride)
+    return z.transpose(1, 2).reshape(-1, z.shape[1])
+
+
+@dataclass
+class PairStatistics:
+    """Sums over the statistical batch; :meth:`finalise` divides them once."""
+
+    S: torch.Tensor
+    M: torch.Tensor
+    S_prev: torch.Tensor
+    M_prev: torch.Tensor
+    C: torch.Tensor
+    grad_sq: torch.Tensor          # ||dA||^2 (divided: per sample)
+    n: int = 0                     # rows of B (samples x l2 output positions)
+    n_prev: int = 0                # rows of B_-2
+    positions: tuple[int, int] = (1, 1)   # output positions per sample of l1 and l2
+    final: bool = False
+
+    def finalise(self) -> "PairStatistics":
+        if self.final:
+            return self
+        n, n_prev = max(self.n, 1), max(self.n_prev, 1)
+        return PairStatistics(self.S / n, self.M / n, self.S_prev / n_prev, self.M_prev / n, self.C / n,
+                              self.grad_sq / n, self.n, self.n_prev, self.positions, True)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph, keeping the values of the watched nodes (works for both tracer spellings)."""
+
+    def __init__(self, gm: fx.GraphModule, watch: set[fx.Node]):
+        super().__init__(gm)
+        self.watch, self.seen = watch, {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n in self.watch:
+            self.seen[n] = out
+        return out
+
+
+def _as_args(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def collect_statistics(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batches: Iterable[tuple[Any, torch.Tensor]],
+                       loss_fn: LossFn = summed_cross_entropy, dtype: torch.dtype = torch.float64,
+                       samples: int | None = None) -> tuple[dict[str, PairStatistics], float, int]:
+    """S, M, S_-2, M_-2, C for every pair over the batches; returns (statistics, summed loss, samples).
+
+    The graph runs in its current mode; BatchNorm statistics, parameter gradients and the global RNG
+    are left as they were (the statistics pass is invisible to training). ``samples`` stops early.
+    """
+    watch = set()
+    for p in pairs:
+        watch |= {p.first.node.args[0], p.first.node, p.second.node.args[0], p.second.node}
+    acc: dict[str, PairStatistics] = {}
+    total, seen = 0.0, 0
+    with torch.random.fork_rng(devices=[]), frozen_buffers(gm), torch.enable_grad():
+        for x, y in batches:
+            if samples is not None and seen >= samples:
+                break
+            rec = _Recorder(gm, watch)
+            loss = loss_fn(rec.run(*_as_args(x)), y)
+            outs = [rec.seen[p.second.node] for p in pairs]
+            grads = torch.autograd.grad(loss, outs, allow_unused=True)
+            total += float(loss.detach())
+            seen += int(_as_args(x)[0].shape[0])
+            with torch.no_grad():
+                for p, g in zip(pairs, grads):
+                    _accumulate(acc, p, gm, rec.seen, g, dtype)
+    return {k: v.finalise() for k, v in acc.items()}, total, seen
+
+
+def _accumulate(acc: dict[str, PairStatistics], p: GrowablePair, gm: fx.GraphModule, seen: dict,
+                grad: torch.Tensor | None, dtype: torch.dtype) -> None:
+    x_prev, hidden = seen[p.first.node.args[0]], seen[p.first.node]
+    b_in, a = seen[p.second.node.args[0]], seen[p.second.node]
+    if grad is None:
+        grad = torch.zeros_like(a)
+    B = input_rows(b_in.detach(), p.second, gm, p.second.bias is not None).to(dtype)
+    dA = output_rows(grad, p.kind).to(dtype)
+    Bp = input_rows(x_prev.detach(), p.first, gm, p.first.bias is not None).to(dtype)
+    Z = kernel_rows(x_prev.detach(), hidden, p, gm).to(dtype)
+    per = (hidden[0, 0].numel() if p.kind == "conv" else hidden[0].numel() // hidden.shape[-1],
+           a[0, 0].numel() if p.kind == "conv" else a[0].numel() // a.shape[-1])
+    s = acc.get(p.name)
+    if s is None:
+        s = acc[p.name] = PairStatistics(B.T @ B, B.T @ dA, Bp.T @ Bp, Z.T @ dA, Z.T @ B,
+                                         (dA * dA).sum(), B.shape[0], Bp.shape[0], per)
+        return
+    s.S += B.T @ B
+    s.M += B.T @ dA
+    s.S_prev += Bp.T @ Bp
+    s.M_prev += Z.T @ dA
+    s.C += Z.T @ B
+    s.grad_sq += (dA * dA).sum()
+    s.n += B.shape[0]
+    s.n_prev += Bp.shape[0]
+
+
+# -------------------------------------------------------------------------------------- the maths
+
+def _solve(S: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """S^-1 M: a solve; a pseudo-inverse where S is singular; float64 where the first dtype fails."""
+    for dtype in dict.fromkeys((S.dtype, torch.float64)):
+        s, m = S.to(dtype), M.to(dtype)
+        try:
+            x = torch.linalg.solve(s, m)
+            if torch.isfinite(x).all() and torch.linalg.norm(s @ x - m) <= 1e-6 * (torch.linalg.norm(m) + 1e-30):
+                return x.to(S.dtype)
+        except RuntimeError:  # torch.linalg.LinAlgError: singular
+            pass
+        x = torch.linalg.pinv(s, hermitian=True) @ m
+        if torch.isfinite(x).all():
+            return x.to(S.dtype)
+    return torch.zeros_like(M)
+
+
+def best_update(S: torch.Tensor, M: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """dW* = (S^-1 M)^T (out x dB) and D = tr(M^T S^-1 M); dW* = 0 when D comes out negative."""
+    x = _solve(S, M)
+    d = float((M * x).sum())
+    if not math.isfinite(d) or d < 0:
+        return torch.zeros_like(M.T), 0.0
+    return x.T.contiguous(), d
+
+
+def inverse_sqrt(S: torch.Tensor, floor: float = 1e-6) -> torch.Tensor:
+    """S^-1/2 of a positive semi-definite S by eigh, eigenvalues below ``floor`` dropped (not divided by)."""
+    lam, q = torch.linalg.eigh(S)
+    keep = lam >= floor
+    q = q[:, keep]
+    return (q * lam[keep].rsqrt()) @ q.T
+
+
+def new_neurons(S_prev: torch.Tensor, N: torch.Tensor, k_max: int, sv_floor: float = 1e-3,
+                eigen_floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """alpha (k x d), omega (m x k) and s (k) from the SVD of S_-2^-1/2 N (d x m).
+
+    Keeps s_j >= min(sv_floor, s_max), at most ``k_max`` of them.
+    """
+    r = inverse_sqrt(S_prev, eigen_floor)
+    u, s, vh = torch.linalg.svd(r @ N, full_matrices=False)
+    if k_max <= 0 or s.numel() == 0 or not float(s[0]) > 0:
+        return N.new_zeros(0, N.shape[0]), N.new_zeros(N.shape[1], 0), s[:0]
+    k = min(k_max, int((s >= min(sv_floor, float(s[0]))).sum()))
+    root = s[:k].sqrt()
+    return (r @ u[:, :k] * root).T.contiguous(), (vh[:k].T * root).contiguous(), s[:k]
+
+
+@dataclass
+class Candidate:
+    """One pair's growth: the best update of l2, the new neurons and their first-order gains."""
+
+    pair: GrowablePair
+    dW: torch.Tensor               # (out, dB): l2 moves by -gamma dW
+    D: float                       # first-order gain of the move, per sample
+    alpha: torch.Tensor            # (k, d): fan-in of the new neurons (bias last)
+    omega: torch.Tensor            # (K * out, k): fan-out, kernel offset slowest
+    s: torch.Tensor                # singular values kept
+    slope: float                   # sigma'(0)
+    bottleneck: float              # ||v_proj||^2 / ||dA||^2
+    positions: tuple[int, int]
+
+    @property
+    def neurons(self) -> int:
+        return int(self.alpha.shape[0])
+
+    @property
+    def gain_neurons(self) -> float:
+        return self.slope * float((self.s ** 2).sum())
+
+    @property
+    def gain(self) -> float:
+        """D + sigma'(0) sum s_j^2: ranks the pairs."""
+        return self.D + self.gain_neurons
+
+    def truncate(self, k: int) -> "Candidate":
+        k = max(0, min(k, self.neurons))
+        return Candidate(self.pair, self.dW, self.D, self.alpha[:k], self.omega[:, :k], self.s[:k], self.slope,
+                         self.bottleneck, self.positions)
+
+
+def candidate(pair: GrowablePair, stats: PairStatistics, gm: fx.GraphModule, k_max: int,
+              sv_floor: float = 1e-3, eigen_floor: float = 1e-6, project: bool = True) -> Candidate:
+    """The closed-form growth of one pair from its statistics (``project=False``: no dW*, N = -M_-2)."""
+    st = stats.finalise()
+    dW, D = best_update(st.S, st.M) if project else (torch.zeros_like(st.M.T), 0.0)
+    N = -st.M_prev + st.C @ dW.T                       # (d K, out)
+    K = math.prod(pair.second.kernel(gm))
+    d = N.shape[0] // K
+    alpha, omega, s = new_neurons(st.S_prev, N.reshape(d, K * N.shape[1]), k_max, sv_floor, eigen_floor)
+    v_sq = st.grad_sq - 2 * (dW * st.M.T).sum() + (dW @ st.S * dW).sum()
+    bottleneck = float(v_sq / st.grad_sq) if float(st.grad_sq) > 0 else 0.0
+    return Candidate(pair, dW, D, alpha, omega, s, slope_at_zero(pair.activations), bottleneck, st.positions)
+
+
+# ------------------------------------------------------------------------------------------ surgery
+
+def _set_size(gm: fx.GraphModule, target: str | None, **sizes: int) -> None:
+    if target is None:
+        return
+    mod = gm.get_submodule(target)
+    for k, v in sizes.items():
+        if hasattr(mod, k):
+            setattr(mod, k, v)
+
+
+class Insertion:
+    """New neurons of one candidate placed in the graph's parameters, at a scale set by :meth:`set_scale`.
+
+    On creation the parameters have their new shapes and the scale is 0 (the function is unchanged);
+    :meth:`undo` puts the original tensors back, :meth:`commit` grows the optimizer's state.
+    """
+
+    def __init__(self, gm: fx.GraphModule, cand: Candidate):
+        self.gm, self.cand = gm, cand
+        pair, k = cand.pair, cand.neurons
+        first, second = pair.first, pair.second
+        self.hidden = h = pair.hidden(gm)
+        self.saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        w1, b1 = first.weight_of(gm), first.bias_of(gm)
+        w2, b2 = second.weight_of(gm), second.bias_of(gm)
+        self.w1, self.b1, self.w2, self.b2 = w1, b1, w2, b2
+        dt = w2.dtype
+        # The candidate's sizes are those its statistics saw. With strategy 'all' another insertion
+        # may already have grown l1's inputs or l2's outputs: those rows and columns stay zero here.
+        k1, k2 = first.kernel(gm), second.kernel(gm)
+        K1, K2 = math.prod(k1), math.prod(k2)
+        self.out = out = cand.dW.shape[0]
+        self.c_in = c_in = (cand.alpha.shape[1] - (b1 is not None)) // K1
+        self.dW_w = cand.dW[:, :h * K2].to(dt).reshape(out, h, *w2.shape[2:])
+        self.dW_b = cand.dW[:, h * K2].to(dt) if b2 is not None else None
+        self.alpha_w = cand.alpha[:, :c_in * K1].to(dt).reshape(k, c_in, *w1.shape[2:])
+        self.alpha_b = cand.alpha[:, -1].to(dt) if b1 is not None else None
+        om = cand.omega.to(dt).reshape(K2, out, k).permute(1, 2, 0)
+        self.omega = om.reshape(out, k, *w2.shape[2:])
+        self.w2_0 = w2.detach()[:out, :h].clone()
+        self.b2_0 = b2.detach()[:out].clone() if b2 is not None else None
+        with torch.no_grad():
+            self._grow(w1, 0, k, 0.0)
+            if b1 is not None:
+                self._grow(b1, 0, k, 0.0)
+            for norm in pair.norms:
+                for path, fill in ((norm.weight, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0),
+                                   (norm.running_var, 1.0)):
+                    if path is not None:
+                        self._grow(_tensor(gm, path), 0, k, fill)
+                _set_size(gm, norm.module, num_features=h + k)
+            self._grow(w2, 1, k, 0.0)
+            if b2 is not None:
+                self.saved.append((b2, b2.data))
+                b2.data = b2.data.clone()
+        _set_size(gm, first.module, out_features=h + k, out_channels=h + k)
+        _set_size(gm, second.module, in_features=h + k, in_channels=h + k)
+        self.gamma = 0.0
+
+    def _grow(self, t: torch.Tensor, dim: int, k: int, fill: float) -> None:
+        shape = list(t.shape)
+        shape[dim] = k
+        self.saved.append((t, t.data))
+        t.data = torch.cat([t.data, t.data.new_full(shape, fill)], dim)
+
+    @torch.no_grad()
+    def set_scale(self, gamma: float, neurons: float | None = None) -> None:
+        """New neurons at gamma * alpha, gamma * omega; l2's existing weights at W - gamma dW*.
+        ``neurons`` scales the new neurons apart from the move (default: gamma)."""
+        h, k, out = self.hidden, self.cand.neurons, self.out
+        g = gamma if neurons is None else neurons
+        self.w1.data[h:h + k, :self.c_in] = g * self.alpha_w
+        if self.b1 is not None:
+            self.b1.data[h:h + k] = g * self.alpha_b
+        self.w2.data[:out, :h] = self.w2_0 - gamma * self.dW_w
+        self.w2.data[:out, h:h + k] = g * self.omega
+        if self.b2 is not None:
+            self.b2.data[:out] = self.b2_0 - gamma * self.dW_b
+        self.gamma = gamma
+
+    def undo(self) -> None:
+        for t, data in reversed(self.saved):
+            t.data = data
+        pair = self.cand.pair
+        for norm in pair.norms:
+            _set_size(self.gm, norm.module, num_features=self.hidden)
+        _set_size(self.gm, pair.first.module, out_features=self.hidden, out_channels=self.hidden)
+        _set_size(self.gm, pair.second.module, in_features=self.hidden, in_channels=self.hidden)
+        self.saved = []
+
+
+
+def commit(gm: fx.GraphModule, insertions: Sequence[Insertion],
+           optimizer: torch.optim.Optimizer | None = None) -> dict[str, torch.nn.Parameter]:
+    """Keep the inserted neurons: every grown parameter becomes a new ``nn.Parameter`` in the module
+    and in the optimizer, whose state moves over padded with zeros; returns {path: new parameter}.
+
+    A fresh parameter rather than a resized one: autograd caches a leaf's shape in its gradient
+    accumulator, which outlives a resize while any graph that used the leaf is alive.
+    """
+    first: dict[int, tuple[torch.Tensor, torch.Size]] = {}
+    for ins in insertions:
+        for t, old in ins.saved:
+            first.setdefault(id(t), (t, old.shape))
+        ins.saved = []
+    names = {id(t): n for n, t in gm.named_parameters(remove_duplicate=False)}
+    replaced: dict[str, torch.nn.Parameter] = {}
+    for t, old_shape in first.values():
+        if tuple(t.shape) == tuple(old_shape) or id(t) not in names:
+            continue  # an unchanged bias, or a buffer (running statistics): resized in place is enough
+        path = names[id(t)]
+        new = torch.nn.Parameter(t.data, requires_grad=t.requires_grad)
+        owner, _, leaf = path.rpartition(".")
+        setattr(gm.get_submodule(owner) if owner else gm, leaf, new)
+        if optimizer is not None:
+            grow_optimizer_state(optimizer, t, new)
+        replaced[path] = new
+    return replaced
+
+
+def _tensor(gm: fx.GraphModule, path: str) -> torch.Tensor:
+    owner, _, leaf = path.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
+
+
+def grow_optimizer_state(optimizer: torch.optim.Optimizer, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+    """Put ``new`` where ``old`` was in the optimizer's groups, its state padded to the new shape.
+
+    Old entries keep their values at their old positions (new units are appended at the end of each
+    grown dimension); new entries start at zero (momentum, Adam moments). Scalars such as Adam's step
+    count are kept.
+    """
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if not state:
+        return
+    grown = {}
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.dim() == new.dim() and value.dim() > 0 and value.shape != new.shape:
+            pad = value.new_zeros(new.shape)
+            pad[tuple(slice(0, s) for s in value.shape)] = value
+            value = pad
+        grown[key] = value
+    optimizer.state[new] = grown
+
+
+# ----------------------------------------------------------------------------------- line search
+
+def held_out_loss(gm: fx.GraphModule, batches: Sequence[tuple[Any, torch.Tensor]], loss_fn: LossFn,
+                  seed: int = 0) -> float:
+    """Mean loss per sample on ``batches``, leaving buffers and the RNG as they were."""
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), frozen_buffers(gm):
+        torch.manual_seed(seed)
+        for x, y in batches:
+            total += float(loss_fn(gm(*_as_args(x)), y))
+            count += int(_as_args(x)[0].shape[0])
+    return total / max(count, 1)
+
+
+def line_search(gm: fx.GraphModule, insertions: Sequence[Insertion], batches: Sequence[tuple[Any, torch.Tensor]],
+                loss_fn: LossFn, gammas: Sequence[float] = DEFAULT_GAMMAS, extend: int = 3) -> tuple[float, dict[float, float]]:
+    """The gamma with the lowest held-out loss; the grid is extended by decades (``extend`` times at
+    most) while its largest value is the best."""
+    losses: dict[float, float] = {}
+
+    def at(g: float) -> float:
+        for ins in insertions:
+            ins.set_scale(g)
+        losses[g] = held_out_loss(gm, batches, loss_fn)
+        return losses[g]
+
+    for g in gammas:
+        at(g)
+    top = max(gammas)
+    for _ in range(extend):
+        if min(losses, key=losses.get) != top or not math.isfinite(losses[top]):
+            break
+        top *= 10.0
+        at(top)
+    best = min(losses, key=lambda g: (losses[g] if math.isfinite(losses[g]) else math.inf, g))
+    return best, losses
+
+
+# ------------------------------------------------------------------------------------ the step
+
+@dataclass
+class GrowthConfig:
+    """What one growth step may do (the runtime's ``--grow-*`` options map onto these)."""
+
+    every: int = 1                                  # epochs between growth steps (for :meth:`GrowthStep.due`)
+    neurons: int = 8                                # new neurons per pair per step, at most
+    max_width: int | None = None                    # hidden width cap per pair (None: the pass's full width, else none)
+    budget: Literal["params", "flops"] = "params"   # what the limit counts (FLOPs: forward, per sample)
+    limit: float | None = None                      # stop growing at this many parameters / FLOPs
+    strategy: Literal["best", "all"] = "best"       # grow the pair with the best first-order gain, or every pair
+    targets: tuple[str, ...] = ()                   # grow only pairs whose name matches (fnmatch); () all
+    samples: int | None = None                      # samples of the statistical batch, at most (None: every batch given)
+    gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    sv_floor: float = 1e-3
+    eigen_floor: float = 1e-6
+    project: bool = True                            # TINY (v_proj); False: neurons fit dA itself, no dW*
+    dtype: torch.dtype = torch.float64
+
+
+@dataclass
+class GrowthReport:
+    grown: bool
+    reason: str = ""
+    pairs: list[dict[str, Any]] = field(default_factory=list)     # one row per pair grown
+    gains: dict[str, dict[str, float]] = field(default_factory=dict)   # every candidate's gains
+    gamma: float = 0.0
+    loss: tuple[float, float] = (math.nan, math.nan)              # held-out loss before, after
+    predicted: float = 0.0                                        # first-order decrease predicted at gamma
+    params: tuple[int, int] = (0, 0)
+    grown_tensors: list[str] = field(default_factory=list)        # whose shapes changed (rebuild DDP, compiled graphs)
+    losses: dict[float, float] = field(default_factory=dict)      # the line search
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"grown": self.grown, "reason": self.reason, "pairs": self.pairs, "gains": self.gains,
+                "gamma": self.gamma, "loss": list(self.loss), "predicted": self.predicted,
+                "params": list(self.params), "grown_tensors": self.grown_tensors,
+                "line_search": {str(g): v for g, v in sorted(self.losses.items())}}
+
+
+def count_params(gm: torch.nn.Module) -> int:
+    return sum(p.numel() for p in gm.parameters())
+
+
+def forward_flops(gm: fx.GraphModule, x: Any) -> float:
+    """Forward FLOPs per sample, by torch's flop counter on one sample."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = tuple(a[:1] if torch.is_tensor(a) else a for a in _as_args(x))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, frozen_buffers(gm), torch.random.fork_rng(devices=[]):
+        gm(*one)
+    return float(counter.get_total_flops())
+
+
+def neuron_cost(cand: Candidate, gm: fx.GraphModule, budget: str) -> float:
+    """Parameters, or forward FLOPs per sample, of one more neuron of the candidate's pair."""
+    pair = cand.pair
+    w1, w2 = pair.first.weight_of(gm), pair.second.weight_of(gm)
+    fan_in, fan_out = w1[0].numel(), w2.shape[0] * (w2[0, 0].numel() if pair.kind == "conv" else 1)
+    if budget == "params":
+        norms = sum((n.weight is not None) + (n.bias is not None) for n in pair.norms)
+        return fan_in + (pair.first.bias is not None) + fan_out + norms
+    return 2.0 * (fan_in * cand.positions[0] + fan_out * cand.positions[1])
+
+
+def full_widths(gm: fx.GraphModule) -> dict[str, int]:
+    """Hidden widths before the ``grow`` pass shrank the model (empty if it did not run)."""
+    return {name: row["full"] for name, row in getattr(gm, "gx_growth", {}).get("pairs", {}).items()}
+
+
+def _batches(batches: Iterable) -> list:
+    return list(batches)
+
+
+def grow_once(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]],
+              optimizer: torch.optim.Optimizer | None = None, *, held_out: Sequence[tuple[Any, torch.Tensor]] | None = None,
+              loss_fn: LossFn = summed_cross_entropy, config: GrowthConfig | None = None) -> GrowthReport:
+    """One growth step on a graph module: statistics, candidates, line search, insertion.
+
+    ``batches`` ((input, target) pairs) make the statistical batch; ``held_out`` batches choose the
+    scale (default: the last of ``batches``, then not used for statistics). ``loss_fn(output, target)``
+    returns the *summed* loss. The optimizer's state grows in place. Raises GradxformError when the
+    model has no growable pair or is already over the budget.
+    """
+    cfg = config or GrowthConfig()
+    batches = _batches(batches)
+    if not batches:
+        raise GradxformError("growth needs at least one batch for its statistics", where="grow_once")
+    if held_out is None:
+        held_out = batches[-1:]
+        batches = batches[:-1] or batches
+    pairs, rejected = growable_pairs(model)
+    if not pairs:
+        raise GradxformError(f"the model has no growable pair: {explain_none(rejected)}", where="growth",
+                             hint="growth adds units between Linear -> activation -> Linear or Conv2d -> "
+                                  "(BatchNorm) -> activation -> Conv2d layers")
+    if cfg.targets:
+        pairs = [p for p in pairs if any(fnmatch.fnmatch(p.name, t) or fnmatch.fnmatch(p.first.path, t)
+                                         for t in cfg.targets)]
+        if not pairs:
+            raise GradxformError(f"no growable pair matches targets={','.join(cfg.targets)}", where="growth",
+                                 hint="pair names are 'first->second' layer paths, e.g. body.0->body.2")
+    current = count_params(model) if cfg.budget == "params" else forward_flops(model, batches[0][0])
+    if cfg.limit is not None and current > cfg.limit:
+        raise GradxformError(f"the {cfg.budget} budget is already exceeded: {current:,.0f} > {cfg.limit:,.0f}",
+                             where="growth", hint="raise the budget, or start from a smaller model (grow{width=...})")
+    caps = full_widths(model)
+    widths = {p.name: p.hidden(model) for p in pairs}
+
+    def room(p: GrowablePair) -> int:
+        cap = cfg.max_width if cfg.max_width is not None else caps.get(p.name)
+        return cfg.neurons if cap is None else min(cfg.neurons, cap - widths[p.name])
+
+    pairs = [p for p in pairs if room(p) > 0]
+    params_before = count_params(model)
+    if not pairs:
+        return GrowthReport(False, "every pair is at its maximum width", params=(params_before, params_before))
+    stats, _, _ = collect_statistics(model, pairs, batches, loss_fn, cfg.dtype, cfg.samples)
+    cands = [candidate(p, stats[p.name], model, room(p), cfg.sv_floor, cfg.eigen_floor, cfg.project) for p in pairs]
+    gains = {c.pair.name: {"D": c.D, "neurons": c.gain_neurons, "total": c.gain, "bottleneck": c.bottleneck,
+                           "available": c.neurons} for c in cands}
+    cands.sort(key=lambda c: -c.gain)
+    if cfg.strategy == "best":
+        cands = cands[:1]
+    chosen, spent = [], 0.0
+    for c in cands:
+        if cfg.limit is not None:
+            cost = neuron_cost(c, model, cfg.budget)
+            c = c.truncate(int((cfg.limit - current - spent) // cost))
+            spent += cost * c.neurons
+        if c.neurons > 0:
+            chosen.append(c)
+    if not chosen:
+        why = "the budget has no room for one more neuron" if cfg.limit is not None else "no direction to grow in"
+        return GrowthReport(False, why, gains=gains, params=(params_before, params_before))
+    before = held_out_loss(model, held_out, loss_fn)
+    insertions = [Insertion(model, c) for c in chosen]
+    gamma, losses = line_search(model, insertions, held_out, loss_fn, cfg.gammas)
+    if gamma == 0.0:
+        for ins in reversed(insertions):
+            ins.undo()
+        return GrowthReport(False, "no scale lowered the held-out loss", gains=gains, losses=losses,
+                            loss=(before, before), params=(params_before, params_before))
+    for ins in insertions:
+        ins.set_scale(gamma)
+    grown = list(commit(model, insertions, optimizer))
+    _refresh_metadata(model)
+    rows = [{"pair": c.pair.name, "neurons": c.neurons, "hidden": [widths[c.pair.name], widths[c.pair.name] + c.neurons],
+             "D": c.D, "gain_neurons": c.gain_neurons, "bottleneck": c.bottleneck} for c in chosen]
+    predicted = sum(gamma * c.D + gamma ** 2 * c.gain_neurons for c in chosen)
+    return GrowthReport(True, "", rows, gains, gamma, (before, losses[gamma]), predicted,
+                        (params_before, count_params(model)), grown, losses)
+
+
+def _refresh_metadata(gm: fx.GraphModule) -> None:
+    """Shapes in ``meta['val']`` follow the grown parameters (re-propagated from the placeholders)."""
+    from ..ir.meta import propagate
+
+    try:
+        propagate(gm)
+    except Exception:  # no placeholder metadata to start from: drop what is stale
+        for n in gm.graph.nodes:
+            n.meta.pop("val", None)
+
+
+class GrowthStep:
+    """The growth callback: ``step = GrowthStep(model, optimizer, config)``; at the end of each epoch
+    ``if step.due(epoch): report = step(batches, held_out)``. Keeps a log of every report."""
+
+    def __init__(self, model: fx.GraphModule, optimizer: torch.optim.Optimizer | None = None,
+                 config: GrowthConfig | None = None, loss_fn: LossFn = summed_cross_entropy):
+        self.model, self.optimizer, self.config, self.loss_fn = model, optimizer, config or GrowthConfig(), loss_fn
+        self.log: list[dict[str, Any]] = []
+        self.stopped = ""
+
+    def due(self, epoch: int) -> bool:
+        """Whether a step is due after ``epoch`` (counted from 1) epochs."""
+        return not self.stopped and self.config.every > 0 and epoch > 0 and epoch % self.config.every == 0
+
+    def __call__(self, batches: Iterable[tuple[Any, torch.Tensor]],
+                 held_out: Sequence[tuple[Any, torch.Tensor]] | None = None, epoch: int | None = None) -> GrowthReport:
+        report = grow_once(self.model, batches, self.optimizer, held_out=held_out, loss_fn=self.loss_fn,
+                           config=self.config)
+        if not report.grown and report.reason in ("every pair is at its maximum width",
+                                                  "the budget has no room for one more neuron"):
+            self.stopped = report.reason
+        self.log.append({"epoch": epoch, **report.as_dict()})
+        return report
