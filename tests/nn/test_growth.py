@@ -396,3 +396,55 @@ def test_exported_graph_grows_through_its_parameters():
     for (name, width) in grown.items():
         first = name.split("->")[0]
         assert shapes[f"{first}.weight"][0] == width
+
+
+def _train_digits(model_width: str, epochs: int, grow: GrowthConfig | None, seed: int = 0):
+    """A depth-2 digits MLP trained with SGD (cosine learning rate); ``grow`` adds a growth step after every ``grow.every`` epochs."""
+    import sys
+
+    from gradxform.compiler import compile_loaded
+    from gradxform.frontend.loader import LoadedModel
+    from gradxform.runtime.data import digits
+
+    from ..conftest import EXAMPLES
+
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from mlp import MLP as DigitsMLP
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    torch.manual_seed(seed)
+    gm = compile_loaded(LoadedModel(DigitsMLP(depth=2), (torch.randn(16, 64),)), f"grow{{width={model_width}}}").module
+    train, test = digits(flat=True)
+    x, y = train.tensors
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.05, momentum=0.9)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)   # keeps working as groups change
+    step = GrowthStep(gm, optimizer, grow) if grow is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    statistical = [(x[i:i + 256], y[i:i + 256]) for i in range(0, len(x), 256)]
+    for epoch in range(1, epochs + 1):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 64):
+            idx = perm[i:i + 64]
+            optimizer.zero_grad()
+            F.cross_entropy(gm(x[idx]), y[idx]).backward()
+            optimizer.step()
+        schedule.step()
+        if step is not None and step.due(epoch):
+            step(statistical, epoch=epoch)
+    with torch.no_grad():
+        accuracy = float((gm(test.tensors[0]).argmax(1) == test.tensors[1]).float().mean())
+    return accuracy, gm, step
+
+
+@pytest.mark.slow
+def test_digits_mlp_grown_from_width_4_to_32_is_close_to_the_full_width_model(capsys):
+    grown, gm, step = _train_digits("4", 30, GrowthConfig(every=1, neurons=8, strategy="all", max_width=32))
+    full, _, _ = _train_digits("1.0", 30, None)
+    small, _, _ = _train_digits("4", 30, None)
+    widths = [gm.get_submodule(n).weight.shape[0] for n in ("body.0", "body.2")]
+    with capsys.disabled():
+        print(f"\ndigits MLP depth 2, 30 epochs: grown 4 -> {widths} {grown:.3f}, full width 128 {full:.3f}, "
+              f"width 4 {small:.3f}; growth steps {sum(r['grown'] for r in step.log)}")
+    assert widths == [32, 32]
+    assert grown >= full - 0.02 and grown >= small + 0.03
