@@ -88,22 +88,33 @@ def output_rows(a: torch.Tensor, kind: str) -> torch.Tensor:
     return a.reshape(-1, a.shape[-1])
 
 
-def kernel_rows(x_prev: torch.Tensor, hidden: torch.Tensor, pair: GrowablePair, gm: fx.GraphModule) -> torch.Tensor:
-    """Z: for each of l2's output positions, l1's unfolded inputs at every offset of l2's kernel.
+def kernel_products(x_prev: torch.Tensor, hidden: torch.Tensor, pair: GrowablePair, gm: fx.GraphModule,
+                    Y: torch.Tensor) -> torch.Tensor:
+    """Z^T Y, where row p of Z holds l1's unfolded inputs at every offset of l2's kernel around l2's
+    output position p (column ``i * K + q``: feature i of B_-2 at kernel offset q). For a Linear, Z = B_-2.
 
-    Column ``i * K + q`` holds feature i of B_-2 at kernel offset q; zero padding of l2's input pads
-    the ones column too (a padded position has no unit, so no bias).
+    For a convolution Z is never built: Z^T Y is the weight gradient of a convolution with l2's
+    geometry whose input is B_-2 laid out as a feature map and whose output gradient is Y (one kernel
+    call instead of a second unfold). Zero padding of that map pads the ones column too: a padded
+    position has no unit, so no bias.
     """
     first, second = pair.first, pair.second
     ones = first.bias is not None
     if first.kind == "linear":
-        return input_rows(x_prev, first, gm, ones)
+        return input_rows(x_prev, first, gm, ones).T @ Y
     cols = F.unfold(x_prev, first.kernel(gm), dilation=first.dilation, padding=first.padding, stride=first.stride)
     if ones:
         cols = torch.cat([cols, cols.new_ones(cols.shape[0], 1, cols.shape[2])], 1)
-    grid = cols.reshape(cols.shape[0], cols.shape[1], hidden.shape[2], hidden.shape[3])
-    z = F.unfold(grid, second.kernel(gm), dilation=second.dilation, padding=second.padding, stride=second.stride)
-    return z.transpose(1, 2).reshape(-1, z.shape[1])
+    n, d = cols.shape[0], cols.shape[1]
+    grid = cols.reshape(n, d, hidden.shape[2], hidden.shape[3])
+    kh, kw = second.kernel(gm)
+    out_h = (hidden.shape[2] + 2 * second.padding[0] - second.dilation[0] * (kh - 1) - 1) // second.stride[0] + 1
+    out_w = (hidden.shape[3] + 2 * second.padding[1] - second.dilation[1] * (kw - 1) - 1) // second.stride[1] + 1
+    y = Y.reshape(n, out_h, out_w, Y.shape[1]).permute(0, 3, 1, 2)
+    shape = grid.new_zeros(()).expand(Y.shape[1], d, kh, kw)   # the weight is read for its shape only
+    _, gw, _ = torch.ops.aten.convolution_backward(y, grid, shape, None, list(second.stride), list(second.padding),
+                                                   list(second.dilation), False, [0, 0], 1, [False, True, False])
+    return gw.permute(1, 2, 3, 0).reshape(d * kh * kw, Y.shape[1])
 
 
 @dataclass
@@ -178,27 +189,33 @@ def collect_statistics(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batche
 
 def _accumulate(acc: dict[str, PairStatistics], p: GrowablePair, gm: fx.GraphModule, seen: dict,
                 grad: torch.Tensor | None, dtype: torch.dtype) -> None:
-    x_prev, hidden = seen[p.first.node.args[0]], seen[p.first.node]
-    b_in, a = seen[p.second.node.args[0]], seen[p.second.node]
+    """Add one batch. Each batch's products are taken in the activations' dtype (for a float32 model
+    the large Z^T [dA | B] product is the cost of a growth step) and summed in ``dtype``."""
+    x_prev, hidden = seen[p.first.node.args[0]].detach(), seen[p.first.node].detach()
+    b_in, a = seen[p.second.node.args[0]].detach(), seen[p.second.node]
     if grad is None:
         grad = torch.zeros_like(a)
-    B = input_rows(b_in.detach(), p.second, gm, p.second.bias is not None).to(dtype)
-    dA = output_rows(grad, p.kind).to(dtype)
-    Bp = input_rows(x_prev.detach(), p.first, gm, p.first.bias is not None).to(dtype)
-    Z = kernel_rows(x_prev.detach(), hidden, p, gm).to(dtype)
-    per = (hidden[0, 0].numel() if p.kind == "conv" else hidden[0].numel() // hidden.shape[-1],
-           a[0, 0].numel() if p.kind == "conv" else a[0].numel() // a.shape[-1])
+    B = input_rows(b_in, p.second, gm, p.second.bias is not None)
+    Y = torch.cat([output_rows(grad, p.kind).to(B.dtype), B], 1)            # [dA | B]
+    out = grad.shape[1] if p.kind == "conv" else grad.shape[-1]
+    Bp = input_rows(x_prev, p.first, gm, p.first.bias is not None)
+    BY = (B.T @ Y).to(dtype)
+    ZY = kernel_products(x_prev, hidden, p, gm, Y).to(dtype)
+    SP = (Bp.T @ Bp).to(dtype)
+    g2 = (Y[:, :out].to(dtype) ** 2).sum()
     s = acc.get(p.name)
     if s is None:
-        s = acc[p.name] = PairStatistics(B.T @ B, B.T @ dA, Bp.T @ Bp, Z.T @ dA, Z.T @ B,
-                                         (dA * dA).sum(), B.shape[0], Bp.shape[0], per)
+        per = (hidden[0, 0].numel() if p.kind == "conv" else hidden[0].numel() // hidden.shape[-1],
+               a[0, 0].numel() if p.kind == "conv" else a[0].numel() // a.shape[-1])
+        acc[p.name] = PairStatistics(BY[:, out:], BY[:, :out], SP, ZY[:, :out], ZY[:, out:], g2,
+                                     B.shape[0], Bp.shape[0], per)
         return
-    s.S += B.T @ B
-    s.M += B.T @ dA
-    s.S_prev += Bp.T @ Bp
-    s.M_prev += Z.T @ dA
-    s.C += Z.T @ B
-    s.grad_sq += (dA * dA).sum()
+    s.S += BY[:, out:]
+    s.M += BY[:, :out]
+    s.S_prev += SP
+    s.M_prev += ZY[:, :out]
+    s.C += ZY[:, out:]
+    s.grad_sq += g2
     s.n += B.shape[0]
     s.n_prev += Bp.shape[0]
 
