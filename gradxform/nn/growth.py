@@ -119,25 +119,36 @@ def kernel_products(x_prev: torch.Tensor, hidden: torch.Tensor, pair: GrowablePa
 
 @dataclass
 class PairStatistics:
-    """Sums over the statistical batch; :meth:`finalise` divides them once."""
+    """Sums over the statistical batch; :meth:`finalise` divides them once.
 
-    S: torch.Tensor
-    M: torch.Tensor
-    S_prev: torch.Tensor
-    M_prev: torch.Tensor
-    C: torch.Tensor
-    grad_sq: torch.Tensor          # ||dA||^2 (divided: per sample)
-    n: int = 0                     # rows of B (samples x l2 output positions)
-    n_prev: int = 0                # rows of B_-2
+    One pass gathers S, M, S_-2, M_-2 and C. In two passes the first gathers S, M, S_-2, and the
+    second, knowing dW*, gathers N = -Z^T v_proj / n directly: its product has ``out`` columns instead
+    of ``out + dB`` (C's width grows with the hidden width; for convolutions it is most of the cost).
+    """
+
+    S: torch.Tensor | None
+    M: torch.Tensor | None
+    S_prev: torch.Tensor | None
+    M_prev: torch.Tensor | None = None
+    C: torch.Tensor | None = None
+    grad_sq: torch.Tensor | None = None   # ||dA||^2 (divided: per sample)
+    n: int = 0                            # rows of B (samples x l2 output positions)
+    n_prev: int = 0                       # rows of B_-2
     positions: tuple[int, int] = (1, 1)   # output positions per sample of l1 and l2
+    N: torch.Tensor | None = None         # -Z^T v_proj (divided: N itself), from a second pass
     final: bool = False
 
     def finalise(self) -> "PairStatistics":
         if self.final:
             return self
         n, n_prev = max(self.n, 1), max(self.n_prev, 1)
-        return PairStatistics(self.S / n, self.M / n, self.S_prev / n_prev, self.M_prev / n, self.C / n,
-                              self.grad_sq / n, self.n, self.n_prev, self.positions, True)
+
+        def div(t: torch.Tensor | None, by: int) -> torch.Tensor | None:
+            return None if t is None else t / by
+
+        return PairStatistics(div(self.S, n), div(self.M, n), div(self.S_prev, n_prev), div(self.M_prev, n),
+                              div(self.C, n), div(self.grad_sq, n), self.n, self.n_prev, self.positions,
+                              None if self.N is None else -self.N / n, True)
 
 
 class _Recorder(fx.Interpreter):
@@ -160,11 +171,15 @@ def _as_args(x: Any) -> tuple:
 
 def collect_statistics(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batches: Iterable[tuple[Any, torch.Tensor]],
                        loss_fn: LossFn = summed_cross_entropy, dtype: torch.dtype = torch.float64,
-                       samples: int | None = None) -> tuple[dict[str, PairStatistics], float, int]:
-    """S, M, S_-2, M_-2, C for every pair over the batches; returns (statistics, summed loss, samples).
+                       samples: int | None = None, *, kernel: bool = True,
+                       moves: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, PairStatistics], float, int]:
+    """Statistics of every pair over the batches; returns (statistics, summed loss, samples seen).
 
-    The graph runs in its current mode; BatchNorm statistics, parameter gradients and the global RNG
-    are left as they were (the statistics pass is invisible to training). ``samples`` stops early.
+    By default S, M, S_-2, M_-2 and C; ``kernel=False`` leaves out the two products with Z (M_-2, C);
+    ``moves`` ({pair: dW*}) gathers only N = -Z^T (dA - B dW*^T) / n, the second of two passes.
+    The graph runs in its current mode with the RNG seeded alike on every call (dropout draws the same
+    masks in both passes); BatchNorm statistics, parameter gradients and the global RNG are left as
+    they were (the statistics are invisible to training). ``samples`` stops early.
     """
     watch = set()
     for p in pairs:
@@ -172,6 +187,7 @@ def collect_statistics(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batche
     acc: dict[str, PairStatistics] = {}
     total, seen = 0.0, 0
     with torch.random.fork_rng(devices=[]), frozen_buffers(gm), torch.enable_grad():
+        torch.manual_seed(0)
         for x, y in batches:
             if samples is not None and seen >= samples:
                 break
@@ -183,41 +199,45 @@ def collect_statistics(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batche
             seen += int(_as_args(x)[0].shape[0])
             with torch.no_grad():
                 for p, g in zip(pairs, grads):
-                    _accumulate(acc, p, gm, rec.seen, g, dtype)
+                    _accumulate(acc, p, gm, rec.seen, g, dtype, kernel, None if moves is None else moves[p.name])
     return {k: v.finalise() for k, v in acc.items()}, total, seen
 
 
+def _add(old: torch.Tensor | None, new: torch.Tensor | None) -> torch.Tensor | None:
+    return new if old is None else old + new
+
+
 def _accumulate(acc: dict[str, PairStatistics], p: GrowablePair, gm: fx.GraphModule, seen: dict,
-                grad: torch.Tensor | None, dtype: torch.dtype) -> None:
+                grad: torch.Tensor | None, dtype: torch.dtype, kernel: bool, move: torch.Tensor | None) -> None:
     """Add one batch. Each batch's products are taken in the activations' dtype (for a float32 model
-    the large Z^T [dA | B] product is the cost of a growth step) and summed in ``dtype``."""
+    the Z products are the cost of a growth step) and summed in ``dtype``."""
     x_prev, hidden = seen[p.first.node.args[0]].detach(), seen[p.first.node].detach()
     b_in, a = seen[p.second.node.args[0]].detach(), seen[p.second.node]
     if grad is None:
         grad = torch.zeros_like(a)
     B = input_rows(b_in, p.second, gm, p.second.bias is not None)
-    Y = torch.cat([output_rows(grad, p.kind).to(B.dtype), B], 1)            # [dA | B]
-    out = grad.shape[1] if p.kind == "conv" else grad.shape[-1]
-    Bp = input_rows(x_prev, p.first, gm, p.first.bias is not None)
-    BY = (B.T @ Y).to(dtype)
-    ZY = kernel_products(x_prev, hidden, p, gm, Y).to(dtype)
-    SP = (Bp.T @ Bp).to(dtype)
-    g2 = (Y[:, :out].to(dtype) ** 2).sum()
+    dA = output_rows(grad, p.kind).to(B.dtype)
+    out = dA.shape[1]
     s = acc.get(p.name)
     if s is None:
         per = (hidden[0, 0].numel() if p.kind == "conv" else hidden[0].numel() // hidden.shape[-1],
                a[0, 0].numel() if p.kind == "conv" else a[0].numel() // a.shape[-1])
-        acc[p.name] = PairStatistics(BY[:, out:], BY[:, :out], SP, ZY[:, :out], ZY[:, out:], g2,
-                                     B.shape[0], Bp.shape[0], per)
-        return
-    s.S += BY[:, out:]
-    s.M += BY[:, :out]
-    s.S_prev += SP
-    s.M_prev += ZY[:, :out]
-    s.C += ZY[:, out:]
-    s.grad_sq += g2
+        s = acc[p.name] = PairStatistics(None, None, None, positions=per)
     s.n += B.shape[0]
+    if move is not None:
+        v = dA - B @ move.to(B.dtype).T                                      # v_proj
+        s.N = _add(s.N, kernel_products(x_prev, hidden, p, gm, v).to(dtype))
+        return
+    Y = torch.cat([dA, B], 1)                                                # [dA | B]
+    Bp = input_rows(x_prev, p.first, gm, p.first.bias is not None)
+    BY = (B.T @ Y).to(dtype)
+    s.S, s.M = _add(s.S, BY[:, out:]), _add(s.M, BY[:, :out])
+    s.S_prev = _add(s.S_prev, (Bp.T @ Bp).to(dtype))
+    s.grad_sq = _add(s.grad_sq, (dA.to(dtype) ** 2).sum())
     s.n_prev += Bp.shape[0]
+    if kernel:
+        ZY = kernel_products(x_prev, hidden, p, gm, Y).to(dtype)
+        s.M_prev, s.C = _add(s.M_prev, ZY[:, :out]), _add(s.C, ZY[:, out:])
 
 
 # -------------------------------------------------------------------------------------- the maths
@@ -303,18 +323,55 @@ class Candidate:
                          self.bottleneck, self.positions)
 
 
-def candidate(pair: GrowablePair, stats: PairStatistics, gm: fx.GraphModule, k_max: int,
-              sv_floor: float = 1e-3, eigen_floor: float = 1e-6, project: bool = True) -> Candidate:
-    """The closed-form growth of one pair from its statistics (``project=False``: no dW*, N = -M_-2)."""
+def damped(S: torch.Tensor, damping: float) -> torch.Tensor:
+    """S + damping * (tr S / d) I: Tikhonov damping relative to S's mean eigenvalue."""
+    if not damping:
+        return S
+    return S + damping * float(torch.diagonal(S).mean()) * torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+
+
+def best_move(stats: PairStatistics, project: bool = True, damping: float = 0.0) -> tuple[torch.Tensor, float]:
+    """dW* and D of a pair's statistics (zero when not projecting)."""
     st = stats.finalise()
-    dW, D = best_update(st.S, st.M) if project else (torch.zeros_like(st.M.T), 0.0)
-    N = -st.M_prev + st.C @ dW.T                       # (d K, out)
+    if not project:
+        return torch.zeros_like(st.M.T), 0.0
+    return best_update(damped(st.S, damping), st.M)
+
+
+def candidate(pair: GrowablePair, stats: PairStatistics, gm: fx.GraphModule, k_max: int,
+              sv_floor: float = 1e-3, eigen_floor: float = 1e-6, project: bool = True,
+              damping: float = 0.0) -> Candidate:
+    """The closed-form growth of one pair from its statistics (``project=False``: no dW*, N = -M_-2).
+
+    ``damping`` > 0 replaces S and S_-2 by their damped forms (:func:`damped`) in the solve and the
+    whitening: the step stays bounded in directions the statistical batch barely spans. The
+    first-order identities still hold exactly -- the move lowers the loss by gamma n D with D =
+    tr(M^T (S + delta I)^-1 M), and N = -Z^T v_proj / n for the damped dW*. Statistics from two
+    passes carry N itself (gathered with the same dW*).
+    """
+    st = stats.finalise()
+    dW, D = best_move(st, project, damping)
+    N = st.N if st.N is not None else -st.M_prev + st.C @ dW.T       # (d K, out)
     K = math.prod(pair.second.kernel(gm))
     d = N.shape[0] // K
-    alpha, omega, s = new_neurons(st.S_prev, N.reshape(d, K * N.shape[1]), k_max, sv_floor, eigen_floor)
+    alpha, omega, s = new_neurons(damped(st.S_prev, damping), N.reshape(d, K * N.shape[1]), k_max, sv_floor,
+                                  eigen_floor)
     v_sq = st.grad_sq - 2 * (dW * st.M.T).sum() + (dW @ st.S * dW).sum()
     bottleneck = float(v_sq / st.grad_sq) if float(st.grad_sq) > 0 else 0.0
     return Candidate(pair, dW, D, alpha, omega, s, slope_at_zero(pair.activations), bottleneck, st.positions)
+
+
+def statistics_for_growth(gm: fx.GraphModule, pairs: Sequence[GrowablePair], batches: Sequence,
+                          loss_fn: LossFn, cfg: "GrowthConfig") -> dict[str, PairStatistics]:
+    """One pass (S, M, S_-2, M_-2, C) or two (S, M, S_-2; then N for the chosen dW*), per ``cfg.passes``."""
+    if cfg.passes == 1:
+        return collect_statistics(gm, pairs, batches, loss_fn, cfg.dtype, cfg.samples)[0]
+    first = collect_statistics(gm, pairs, batches, loss_fn, cfg.dtype, cfg.samples, kernel=False)[0]
+    moves = {p.name: best_move(first[p.name], cfg.project, cfg.damping)[0] for p in pairs}
+    second = collect_statistics(gm, pairs, batches, loss_fn, cfg.dtype, cfg.samples, moves=moves)[0]
+    for name, st in first.items():
+        st.N = second[name].N
+    return first
 
 
 # ------------------------------------------------------------------------------------------ surgery
@@ -480,7 +537,7 @@ def held_out_loss(gm: fx.GraphModule, batches: Sequence[tuple[Any, torch.Tensor]
 
 
 def line_search(gm: fx.GraphModule, insertions: Sequence[Insertion], batches: Sequence[tuple[Any, torch.Tensor]],
-                loss_fn: LossFn, gammas: Sequence[float] = DEFAULT_GAMMAS, extend: int = 3) -> tuple[float, dict[float, float]]:
+                loss_fn: LossFn, gammas: Sequence[float] = DEFAULT_GAMMAS, extend: int = 0) -> tuple[float, dict[float, float]]:
     """The gamma with the lowest held-out loss; the grid is extended by decades (``extend`` times at
     most) while its largest value is the best."""
     losses: dict[float, float] = {}
@@ -510,7 +567,7 @@ class GrowthConfig:
     """What one growth step may do (the runtime's ``--grow-*`` options map onto these)."""
 
     every: int = 1                                  # epochs between growth steps (for :meth:`GrowthStep.due`)
-    neurons: int = 8                                # new neurons per pair per step, at most
+    neurons: float = 8                              # new neurons per pair per step, at most (< 1: a fraction of its cap)
     max_width: int | None = None                    # hidden width cap per pair (None: the pass's full width, else none)
     budget: Literal["params", "flops"] = "params"   # what the limit counts (FLOPs: forward, per sample)
     limit: float | None = None                      # stop growing at this many parameters / FLOPs
@@ -518,10 +575,13 @@ class GrowthConfig:
     targets: tuple[str, ...] = ()                   # grow only pairs whose name matches (fnmatch); () all
     samples: int | None = None                      # samples of the statistical batch, at most (None: every batch given)
     gammas: tuple[float, ...] = DEFAULT_GAMMAS
+    extend: int = 0                                 # decades the grid may grow past its top while the loss falls
     sv_floor: float = 1e-3
     eigen_floor: float = 1e-6
     project: bool = True                            # TINY (v_proj); False: neurons fit dA itself, no dW*
+    damping: float = 0.01                           # Tikhonov damping of S and S_-2, relative to tr(S)/d (0: plain TINY)
     dtype: torch.dtype = torch.float64
+    passes: Literal[1, 2] = 2                       # statistics in one pass (with C) or two (N directly)
 
 
 @dataclass
@@ -559,15 +619,32 @@ def forward_flops(gm: fx.GraphModule, x: Any) -> float:
     return float(counter.get_total_flops())
 
 
-def neuron_cost(cand: Candidate, gm: fx.GraphModule, budget: str) -> float:
-    """Parameters, or forward FLOPs per sample, of one more neuron of the candidate's pair."""
-    pair = cand.pair
-    w1, w2 = pair.first.weight_of(gm), pair.second.weight_of(gm)
-    fan_in, fan_out = w1[0].numel(), w2.shape[0] * (w2[0, 0].numel() if pair.kind == "conv" else 1)
-    if budget == "params":
-        norms = sum((n.weight is not None) + (n.bias is not None) for n in pair.norms)
-        return fan_in + (pair.first.bias is not None) + fan_out + norms
-    return 2.0 * (fan_in * cand.positions[0] + fan_out * cand.positions[1])
+def growth_cost(plan: Sequence[tuple[Candidate, int]], gm: fx.GraphModule, budget: str) -> float:
+    """Exact extra parameters, or forward FLOPs per sample (two per multiply-add, torch's counter's
+    convention), of giving each candidate's pair k more units; chained pairs share a layer, whose
+    new rows and new columns meet in new weights counted once."""
+    grow_out: dict[str, int] = {}
+    grow_in: dict[str, int] = {}
+    layers: dict[str, tuple[Layer, int]] = {}          # weight path -> (layer, output positions per sample)
+    extra = 0.0
+    for cand, k in plan:
+        pair = cand.pair
+        grow_out[pair.first.weight] = grow_out.get(pair.first.weight, 0) + k
+        grow_in[pair.second.weight] = grow_in.get(pair.second.weight, 0) + k
+        layers[pair.first.weight] = (pair.first, cand.positions[0])
+        layers[pair.second.weight] = (pair.second, cand.positions[1])
+        if budget == "params":
+            extra += k * sum((n.weight is not None) + (n.bias is not None) for n in pair.norms)
+    for path, (layer, positions) in layers.items():
+        w = layer.weight_of(gm)
+        out, inp, K = w.shape[0], w.shape[1], w[0, 0].numel() if layer.kind == "conv" else 1
+        dout, din = grow_out.get(path, 0), grow_in.get(path, 0)
+        macs = ((out + dout) * (inp + din) - out * inp) * K
+        if budget == "params":
+            extra += macs + (dout if layer.bias is not None else 0)
+        else:
+            extra += 2.0 * macs * positions
+    return extra
 
 
 def full_widths(gm: fx.GraphModule) -> dict[str, int]:
@@ -616,33 +693,35 @@ def grow_once(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]]
 
     def room(p: GrowablePair) -> int:
         cap = cfg.max_width if cfg.max_width is not None else caps.get(p.name)
-        return cfg.neurons if cap is None else min(cfg.neurons, cap - widths[p.name])
+        k = int(cfg.neurons) if cfg.neurons >= 1 else max(1, math.ceil(cfg.neurons * (cap or widths[p.name])))
+        return k if cap is None else min(k, cap - widths[p.name])
 
     pairs = [p for p in pairs if room(p) > 0]
     params_before = count_params(model)
     if not pairs:
         return GrowthReport(False, "every pair is at its maximum width", params=(params_before, params_before))
-    stats, _, _ = collect_statistics(model, pairs, batches, loss_fn, cfg.dtype, cfg.samples)
-    cands = [candidate(p, stats[p.name], model, room(p), cfg.sv_floor, cfg.eigen_floor, cfg.project) for p in pairs]
+    stats = statistics_for_growth(model, pairs, batches, loss_fn, cfg)
+    cands = [candidate(p, stats[p.name], model, room(p), cfg.sv_floor, cfg.eigen_floor, cfg.project, cfg.damping)
+             for p in pairs]
     gains = {c.pair.name: {"D": c.D, "neurons": c.gain_neurons, "total": c.gain, "bottleneck": c.bottleneck,
                            "available": c.neurons} for c in cands}
     cands.sort(key=lambda c: -c.gain)
     if cfg.strategy == "best":
         cands = cands[:1]
-    chosen, spent = [], 0.0
-    for c in cands:
-        if cfg.limit is not None:
-            cost = neuron_cost(c, model, cfg.budget)
-            c = c.truncate(int((cfg.limit - current - spent) // cost))
-            spent += cost * c.neurons
-        if c.neurons > 0:
-            chosen.append(c)
+    chosen: list[Candidate] = []
+    for c in cands:  # best first: each takes as many of its neurons as the budget still allows
+        k = c.neurons
+        while cfg.limit is not None and k > 0 and \
+                current + growth_cost([(x, x.neurons) for x in chosen] + [(c, k)], model, cfg.budget) > cfg.limit:
+            k -= 1
+        if k > 0:
+            chosen.append(c.truncate(k))
     if not chosen:
         why = "the budget has no room for one more neuron" if cfg.limit is not None else "no direction to grow in"
         return GrowthReport(False, why, gains=gains, params=(params_before, params_before))
     before = held_out_loss(model, held_out, loss_fn)
     insertions = [Insertion(model, c) for c in chosen]
-    gamma, losses = line_search(model, insertions, held_out, loss_fn, cfg.gammas)
+    gamma, losses = line_search(model, insertions, held_out, loss_fn, cfg.gammas, cfg.extend)
     if gamma == 0.0:
         for ins in reversed(insertions):
             ins.undo()

@@ -100,6 +100,23 @@ def test_conv_statistics_match_the_weight_gradient_and_positions_are_samples():
     torch.testing.assert_close(st.S_prev, Bp.T @ Bp / st.n_prev, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("model,shape", [(lambda: MLP(h=3), (5,)), (lambda: ConvNet(), (2, 5, 5))], ids=["linear", "conv"])
+def test_two_passes_give_the_one_pass_bottleneck_product(model, shape):
+    gm = _graph(model())
+    batches, _, _ = _data(shape, classes=4 if shape == (5,) else 3)
+    pair = _pair(gm)
+    one = collect_statistics(gm, [pair], batches)[0][pair.name]
+    first = collect_statistics(gm, [pair], batches, kernel=False)[0][pair.name]
+    assert first.M_prev is None and first.C is None
+    torch.testing.assert_close(first.S, one.S, rtol=1e-12, atol=1e-14)
+    dW, _ = best_update(first.S, first.M)
+    second = collect_statistics(gm, [pair], batches, moves={pair.name: dW})[0][pair.name]
+    torch.testing.assert_close(second.N, -one.M_prev + one.C @ dW.T, rtol=1e-10, atol=1e-12)
+    first.N = second.N
+    a, b = candidate(pair, first, gm, k_max=2), candidate(pair, one, gm, k_max=2)
+    torch.testing.assert_close(a.alpha.T @ a.omega.T, b.alpha.T @ b.omega.T, rtol=1e-8, atol=1e-10)
+
+
 def test_best_update_is_the_least_squares_solution():
     gm = _graph(MLP(h=6))
     batches, x, y = _data((5,))
