@@ -34,6 +34,7 @@ through omega alone: the function still starts unchanged and moves continuously 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import GradxformError
-from ..ir.growth import GrowablePair, Layer, explain_none, growable_pairs
+from ..ir.growth import BlockSite, GrowablePair, Layer, explain_none, growable_pairs
 from ..state import frozen_buffers
 
 # sigma'(0) of each activation: the right derivative for ReLU (a new unit starts on its linear side).
@@ -772,3 +773,150 @@ class GrowthStep:
             self.stopped = report.reason
         self.log.append({"epoch": epoch, **report.as_dict()})
         return report
+
+
+# ------------------------------------------------------------------------------ new blocks (DAG)
+
+@dataclass
+class InsertedBlock:
+    """A block ``y = x + l2(relu(l1(x)))`` put after a residual block's exit (see :func:`insert_block`)."""
+
+    site: BlockSite
+    name: str                     # its module: ``name.l1``, ``name.act``, ``name.l2``
+    add: fx.Node
+    nodes: list[fx.Node]
+
+    @property
+    def pair_name(self) -> str:
+        return f"{self.name}.l1->{self.name}.l2"
+
+
+def insert_block(gm: fx.GraphModule, site: BlockSite, hidden: int = 1, name: str | None = None) -> InsertedBlock:
+    """Insert ``y = x + l2(relu(l1(x)))`` after ``site``, l2 zero: the function is unchanged.
+
+    A convolutional stream gets 3x3 convolutions (stride 1, padding 1), a feature stream Linear
+    layers; l1 starts with PyTorch's default initialisation, l2 (no bias) at zero. The block's
+    l1 -> relu -> l2 is a growable pair, so growth steps widen it from there.
+    """
+    import operator
+
+    ref = site.value.meta.get("val")
+    dtype = ref.dtype if isinstance(ref, torch.Tensor) else next(gm.parameters()).dtype
+    device = ref.device if isinstance(ref, torch.Tensor) and not ref.is_meta else next(gm.parameters()).device
+    c = site.channels
+    block = torch.nn.Module()
+    if site.kind == "conv":
+        block.l1 = torch.nn.Conv2d(c, hidden, 3, padding=1)
+        block.l2 = torch.nn.Conv2d(hidden, c, 3, padding=1, bias=False)
+    else:
+        block.l1 = torch.nn.Linear(c, hidden)
+        block.l2 = torch.nn.Linear(hidden, c, bias=False)
+    block.act = torch.nn.ReLU()
+    with torch.no_grad():
+        block.l2.weight.zero_()
+    block.to(device=device, dtype=dtype)
+    base = name or "grown_block"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}{i}"
+    gm.add_submodule(name, block)
+    value = site.value
+    users = list(value.users)
+    with gm.graph.inserting_after(value):
+        a = gm.graph.call_module(f"{name}.l1", (value,))
+    with gm.graph.inserting_after(a):
+        r = gm.graph.call_module(f"{name}.act", (a,))
+    with gm.graph.inserting_after(r):
+        b = gm.graph.call_module(f"{name}.l2", (r,))
+    with gm.graph.inserting_after(b):
+        y = gm.graph.call_function(operator.add, (value, b))
+    for u in users:
+        u.replace_input_with(value, y)
+    if isinstance(ref, torch.Tensor):  # the stream keeps its shape; the hidden values get theirs on refresh
+        b.meta["val"] = y.meta["val"] = ref
+    gm.graph.lint()
+    gm.recompile()
+    return InsertedBlock(site, name, y, [a, r, b, y])
+
+
+def remove_block(gm: fx.GraphModule, block: InsertedBlock) -> None:
+    """Take an inserted block out again (the graph and module are as before :func:`insert_block`)."""
+    block.add.replace_all_uses_with(block.site.value)
+    for n in reversed(block.nodes):
+        gm.graph.erase_node(n)
+    delattr(gm, block.name)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def stream_gradients(gm: fx.GraphModule, sites: Sequence[BlockSite], batches: Iterable[tuple[Any, torch.Tensor]],
+                     loss_fn: LossFn = summed_cross_entropy) -> dict[str, float]:
+    """||dL/dx||^2 per sample at each site's stream value, for the summed loss: the size of the change
+    the loss asks of the stream there (no existing layer is projected out: a proxy for the node's
+    bottleneck, cheaper than scoring a new block at every site)."""
+    watch = {s.value for s in sites}
+    sums = {s.name: 0.0 for s in sites}
+    seen = 0
+    with torch.random.fork_rng(devices=[]), frozen_buffers(gm), torch.enable_grad():
+        torch.manual_seed(0)
+        for x, y in batches:
+            rec = _Recorder(gm, watch)
+            loss = loss_fn(rec.run(*_as_args(x)), y)
+            grads = torch.autograd.grad(loss, [rec.seen[s.value] for s in sites], allow_unused=True)
+            for s, g in zip(sites, grads):
+                if g is not None:
+                    sums[s.name] += float((g.double() ** 2).sum())
+            seen += int(_as_args(x)[0].shape[0])
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+def grow_block(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]],
+               optimizer: torch.optim.Optimizer | None = None, *, held_out: Sequence | None = None,
+               loss_fn: LossFn = summed_cross_entropy, config: GrowthConfig | None = None,
+               site: str | None = None) -> tuple[GrowthReport, InsertedBlock | None]:
+    """Insert a new block where the stream's gradient is largest (or at ``site``), then grow it once.
+
+    The block enters with one unit and a zero output; a growth step restricted to its pair fits its
+    l2 (dW*) and adds neurons by the closed form, with the line search's scale. When no scale lowers
+    the held-out loss the block is taken out again and the model is as before. New parameters join
+    the optimizer's first parameter group.
+    """
+    from ..ir.growth import block_sites
+
+    from ..ir.meta import flat_inputs, has_metadata, propagate
+
+    cfg = config or GrowthConfig()
+    batches = _batches(batches)
+    if not has_metadata(model) and batches:  # residual blocks are found from the values' shapes
+        propagate(model, flat_inputs(model, _as_args(batches[0][0]), {}))
+    sites = block_sites(model)
+    if not sites:
+        raise GradxformError("the model has no residual block to insert a new block after", where="growth",
+                             hint="new blocks go after residual blocks (y = x + f(x)); grow neurons instead")
+    if site is not None:
+        chosen = [s for s in sites if s.name == site]
+        if not chosen:
+            raise GradxformError(f"no block site '{site}'", where="growth",
+                                 hint="sites: " + ", ".join(s.name for s in sites))
+    else:
+        scores = stream_gradients(model, sites, batches, loss_fn)
+        chosen = [max(sites, key=lambda s: scores[s.name])]
+    block = insert_block(model, chosen[0])
+    new = list(getattr(model, block.name).parameters())
+    if optimizer is not None:
+        optimizer.param_groups[0]["params"].extend(new)
+    # a new block is at most as wide as its stream (a basic block's width)
+    step = dataclasses.replace(cfg, targets=(block.pair_name,), strategy="best", max_width=cfg.max_width or chosen[0].channels)
+    report = grow_once(model, batches, optimizer, held_out=held_out, loss_fn=loss_fn, config=step)
+    if not report.grown:
+        if optimizer is not None:
+            current = {id(p) for p in getattr(model, block.name).parameters()}
+            optimizer.param_groups[0]["params"] = [p for p in optimizer.param_groups[0]["params"] if id(p) not in current]
+            for p in new:
+                optimizer.state.pop(p, None)
+        remove_block(model, block)
+        _refresh_metadata(model)
+        return report, None
+    report.pairs[0]["block"] = chosen[0].name
+    return report, block

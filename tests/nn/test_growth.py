@@ -465,3 +465,58 @@ def test_digits_mlp_grown_from_width_4_to_32_is_close_to_the_full_width_model(ca
               f"width 4 {small:.3f}; growth steps {sum(r['grown'] for r in step.log)}")
     assert widths == [32, 32]
     assert grown >= full - 0.02 and grown >= small + 0.03
+
+
+class Residual(nn.Module):
+    def __init__(self, kind="conv", c=3):
+        super().__init__()
+        conv = kind == "conv"
+        self.stem = nn.Conv2d(1, c, 3, padding=1) if conv else nn.Linear(4, c)
+        self.f = nn.Conv2d(c, c, 3, padding=1) if conv else nn.Linear(c, c)
+        self.head = nn.Linear(c, 3)
+        self.conv = conv
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.f(h))
+        return self.head(h.mean((2, 3)) if self.conv else h)
+
+
+@pytest.mark.parametrize("kind,shape", [("conv", (1, 5, 5)), ("linear", (4,))])
+def test_a_new_block_enters_with_a_zero_output_and_grows(kind, shape):
+    from gradxform.ir.growth import block_sites
+    from gradxform.ir.meta import propagate
+    from gradxform.nn.growth import grow_block, insert_block, remove_block
+
+    gm = _graph(Residual(kind))
+    batches, x, y = _data(shape, classes=3, n=120, batches=4)
+    propagate(gm, [x[:4]])
+    ref = gm(x).detach()
+    (site,) = block_sites(gm)
+    block = insert_block(gm, site, hidden=2)
+    assert "grown_block_l1 = self.grown_block.l1(relu_1)" in gm.code
+    torch.testing.assert_close(gm(x), ref, rtol=0, atol=1e-12)       # l2 starts at zero
+    assert block.pair_name in [p.name for p in growable_pairs(gm)[0]]
+    remove_block(gm, block)
+    assert "grown_block" not in gm.code and not hasattr(gm, "grown_block")
+    torch.testing.assert_close(gm(x), ref, rtol=0, atol=0)
+    optimizer = torch.optim.SGD(gm.parameters(), lr=0.1, momentum=0.9)
+    report, block = grow_block(gm, batches, optimizer, config=GrowthConfig(neurons=2))
+    assert report.grown and block is not None and report.pairs[0]["block"] == site.name
+    assert report.loss[1] < report.loss[0]
+    params = {id(p) for p in gm.parameters()}
+    assert params == {id(p) for g in optimizer.param_groups for p in g["params"]}
+    optimizer.zero_grad()
+    F.cross_entropy(gm(x), y).backward()
+    optimizer.step()
+
+
+def test_a_model_without_residual_blocks_takes_no_new_block():
+    from gradxform.nn.growth import grow_block
+
+    with pytest.raises(GradxformError, match="the model has no residual block to insert a new block after"):
+        grow_block(_graph(MLP()), _data((5,))[0])
+    gm = _graph(Residual("linear"))
+    with pytest.raises(GradxformError, match="no block site 'after nowhere'") as err:
+        grow_block(gm, _data((4,), classes=3)[0], site="after nowhere")
+    assert "sites: after " in str(err.value)
