@@ -668,9 +668,13 @@ def grow_once(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]]
     model has no growable pair or is already over the budget.
     """
     cfg = config or GrowthConfig()
+    if not isinstance(model, fx.GraphModule):
+        raise GradxformError(f"growth works on one traced graph, got a {type(model).__name__}", where="growth",
+                             hint="compile the model (gradxform.compile) and grow its graph module; a staged "
+                                  "model grows stage by stage")
     batches = _batches(batches)
     if not batches:
-        raise GradxformError("growth needs at least one batch for its statistics", where="grow_once")
+        raise GradxformError("growth needs at least one batch for its statistics", where="growth")
     if held_out is None:
         held_out = batches[-1:]
         batches = batches[:-1] or batches
@@ -734,7 +738,8 @@ def grow_once(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]]
     _refresh_metadata(model)
     rows = [{"pair": c.pair.name, "neurons": c.neurons, "hidden": [widths[c.pair.name], widths[c.pair.name] + c.neurons],
              "D": c.D, "gain_neurons": c.gain_neurons, "bottleneck": c.bottleneck} for c in chosen]
-    predicted = sum(gamma * c.D + gamma ** 2 * c.gain_neurons for c in chosen)
+    # per sample, like the held-out loss: the statistics count every output position of l2 as a sample
+    predicted = sum((gamma * c.D + gamma ** 2 * c.gain_neurons) * c.positions[1] for c in chosen)
     return GrowthReport(True, "", rows, gains, gamma, (before, losses[gamma]), predicted,
                         (params_before, count_params(model)), grown, losses)
 
@@ -919,4 +924,75 @@ def grow_block(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]
         _refresh_metadata(model)
         return report, None
     report.pairs[0]["block"] = chosen[0].name
+    info = getattr(model, "gx_growth", None) or {"pairs": {}}
+    info.setdefault("blocks", []).append({"name": block.name, "site": chosen[0].name})
+    model.gx_growth = info
     return report, block
+
+
+# ------------------------------------------------------------------------------------- resuming
+
+def set_width(gm: fx.GraphModule, pair: GrowablePair, width: int) -> None:
+    """Give a pair ``width`` hidden units: the first units are kept, new ones are zero (norms at
+    weight 1, bias 0, mean 0, variance 1). Every resized tensor is a new parameter or buffer."""
+    h = pair.hidden(gm)
+
+    def resize(path: str | None, dim: int, fill: float) -> None:
+        if path is None:
+            return
+        owner, _, leaf = path.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        t = getattr(mod, leaf)
+        data = t.data.narrow(dim, 0, min(h, width))
+        if width > h:
+            shape = list(data.shape)
+            shape[dim] = width - h
+            data = torch.cat([data, data.new_full(shape, fill)], dim)
+        data = data.clone()
+        if isinstance(t, torch.nn.Parameter):
+            setattr(mod, leaf, torch.nn.Parameter(data, requires_grad=t.requires_grad))
+        else:
+            t.data = data
+
+    resize(pair.first.weight, 0, 0.0)
+    resize(pair.first.bias, 0, 0.0)
+    for norm in pair.norms:
+        for path, fill in ((norm.weight, 1.0), (norm.bias, 0.0), (norm.running_mean, 0.0), (norm.running_var, 1.0)):
+            resize(path, 0, fill)
+        _set_size(gm, norm.module, num_features=width)
+    resize(pair.second.weight, 1, 0.0)
+    _set_size(gm, pair.first.module, out_features=width, out_channels=width)
+    _set_size(gm, pair.second.module, in_features=width, in_channels=width)
+
+
+def resize_to_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], blocks: Sequence[dict[str, str]] = ()) -> bool:
+    """Rebuild grown shapes before ``load_state_dict`` (resuming from a checkpoint of a grown model).
+
+    ``blocks`` are the inserted blocks in insertion order, as recorded in ``gm.gx_growth['blocks']``
+    of the grown model ({"name", "site"}); each is inserted again at its site, then every growable
+    pair takes the hidden width its first layer's weight has in ``state``. Returns whether anything
+    changed (the caller rebuilds its optimizer).
+    """
+    from ..ir.growth import block_sites
+
+    changed = False
+    for b in blocks:
+        if hasattr(gm, b["name"]):
+            continue
+        sites = {s.name: s for s in block_sites(gm)}
+        if b["site"] not in sites:
+            raise GradxformError(f"the checkpoint has a block {b['name']} after '{b['site']}', which this model lacks",
+                                 where="resume", hint="resume with the model the checkpoint was trained from")
+        insert_block(gm, sites[b["site"]], hidden=int(state[f"{b['name']}.l1.weight"].shape[0]), name=b["name"])
+        changed = True
+    for pair in growable_pairs(gm)[0]:
+        saved = state.get(pair.first.weight)
+        if saved is not None and int(saved.shape[0]) != pair.hidden(gm):
+            set_width(gm, pair, int(saved.shape[0]))
+            changed = True
+    if changed:
+        info = getattr(gm, "gx_growth", None) or {"pairs": {}}
+        info["blocks"] = [dict(b) for b in blocks]
+        gm.gx_growth = info
+        _refresh_metadata(gm)
+    return changed

@@ -47,6 +47,7 @@ class Grow(Pass):
 
         from ..errors import GradxformError
         from ..ir.growth import explain_none, growable_pairs
+        from ..nn.growth import set_width
 
         opts = self.options
         pairs, rejected = growable_pairs(gm)
@@ -74,7 +75,7 @@ class Grow(Pass):
                                      hint="grow only shrinks; give a count <= the current width or a fraction")
             plan.append((pair, full, start))
         for pair, full, start in plan:
-            _shrink(gm, pair, start)
+            set_width(gm, pair, start)
             rows.append({"pair": pair.name, "kind": pair.kind, "activations": pair.activations,
                          "norms": [n.path for n in pair.norms], "hidden": [full, start]})
             recorded[pair.name] = {"full": recorded.get(pair.name, {}).get("full", full), "start": start}
@@ -94,33 +95,6 @@ class Grow(Pass):
                 if node.op != "placeholder":
                     node.meta.pop("val", None)
         return PassResult(gm, changed, notes, {"pairs": rows})
-
-
-def _shrink(gm: Any, pair: Any, width: int) -> None:
-    """Keep the first ``width`` hidden units of a pair."""
-    def cut(path: str | None, dim: int) -> None:
-        if path is None:
-            return
-        owner, _, leaf = path.rpartition(".")
-        mod = gm.get_submodule(owner) if owner else gm
-        t = getattr(mod, leaf)
-        t.data = t.data.narrow(dim, 0, width).clone()
-
-    first, second = pair.first, pair.second
-    cut(first.weight, 0)
-    cut(first.bias, 0)
-    for norm in pair.norms:
-        for path in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
-            cut(path, 0)
-        if norm.module is not None:
-            gm.get_submodule(norm.module).num_features = width
-    cut(second.weight, 1)
-    for layer, attrs in ((first, ("out_features", "out_channels")), (second, ("in_features", "in_channels"))):
-        if layer.module is not None:
-            mod = gm.get_submodule(layer.module)
-            for a in attrs:
-                if hasattr(mod, a):
-                    setattr(mod, a, width)
 
 
 def _reset(gm: Any, pairs: list, torch: Any) -> None:

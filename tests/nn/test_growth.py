@@ -237,9 +237,9 @@ def test_projected_neurons_gain_after_the_best_move_on_a_quadratic_loss():
     ins = Insertion(gm, c)
     eps = 1e-3
     ins.set_scale(1.0, neurons=0.0)               # l2 at W - dW*: the minimum over l2's weights
-    after_move = float(loss_fn(gm(x), y))
+    after_move = float(loss_fn(gm(x), y).detach())
     ins.set_scale(1.0, neurons=eps)
-    measured = after_move - float(loss_fn(gm(x), y))
+    measured = after_move - float(loss_fn(gm(x), y).detach())
     assert measured == pytest.approx(eps ** 2 * len(x) * c.gain_neurons, rel=1e-2)
 
 
@@ -520,3 +520,28 @@ def test_a_model_without_residual_blocks_takes_no_new_block():
     with pytest.raises(GradxformError, match="no block site 'after nowhere'") as err:
         grow_block(gm, _data((4,), classes=3)[0], site="after nowhere")
     assert "sites: after " in str(err.value)
+
+
+def test_resuming_rebuilds_grown_pairs_and_blocks_bit_identically():
+    from gradxform.ir.meta import propagate
+    from gradxform.nn.growth import grow_block, resize_to_state
+
+    def fresh():
+        gm = _graph(Residual("linear"))
+        propagate(gm, [torch.randn(2, 4, dtype=torch.float64)])
+        return gm
+
+    batches, x, _ = _data((4,), classes=3, n=120, batches=4)
+    gm = fresh()
+    assert grow_block(gm, batches, config=GrowthConfig(neurons=3))[1] is not None
+    assert grow_once(gm, batches, config=GrowthConfig(neurons=2, strategy="all")).grown
+    state = {k: v.clone() for k, v in gm.state_dict().items()}
+    blocks = gm.gx_growth["blocks"]
+    again = fresh()
+    with pytest.raises(RuntimeError, match="Unexpected key"):        # the grown shapes are not there yet
+        again.load_state_dict(state)
+    assert resize_to_state(again, state, blocks)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(x), gm(x), rtol=0, atol=0)
+    assert again.code == gm.code
+    assert not resize_to_state(again, state, blocks)          # nothing left to rebuild
