@@ -85,7 +85,7 @@ def build(name: str, width: str | None, seed: int):
     spec, shapes, *_ = MODELS[name]
     torch.manual_seed(seed)
     loaded = load(str(ROOT / "examples" / spec), shapes)
-    pipeline = f"grow{{width={width}}}" if width is not None else "grow{width=1.0}"
+    pipeline = f"grow{{width={width},seed={seed}}}" if width is not None else "grow{width=1.0}"
     return compile_loaded(loaded, pipeline, check=False).module
 
 
@@ -172,7 +172,7 @@ def write(results: dict[str, dict], seeds: int) -> None:
         "# Growing networks (TINY): grown vs full width on digits",
         "",
         f"Measured {date.today()} on {platform.machine()}, {len(os.sched_getaffinity(0))} CPU cores, torch "
-        f"{torch.__version__} (`python bench/bench_growth.py`), {seeds} seeds, every variant of a seed run "
+        f"{torch.__version__}, one thread (`python bench/bench_growth.py`), {seeds} seeds, every variant of a seed run "
         "one after the other with the same data order. SGD (momentum 0.9, Nesterov), cosine learning rate, "
         "batch 64. *small* is `grow{width=0.125}`; *grown* starts there and takes a growth step "
         "(`GrowthStep`, strategy `all`: every growable pair, the closed-form best update and new neurons, "
@@ -249,7 +249,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--models", default="mlp,resnet")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    # one thread: on this shared machine two threads made the small models slower than the full one
+    # (waiting at every barrier of tiny products), which would measure the machine, not the method
+    torch.set_num_threads(1)
     results = {name: bench(name, args.seeds) for name in args.models.split(",")}
     write(results, args.seeds)
 

@@ -17,6 +17,7 @@ class GrowOptions:
                                       "one of these patterns (fnmatch); none: every pair")
     init: Literal["reset", "slice"] = option("reset", "reset: fresh initialisation at the new fan-in (a small "
                                              "model from scratch); slice: keep the first units' weights")
+    seed: int = option(0, "seed of the fresh initialisation (init=reset); the global RNG is left alone")
 
     def validate(self) -> None:
         if not self.width:
@@ -83,13 +84,14 @@ class Grow(Pass):
             notes.append(f"{pair.name}: hidden width {full} -> {start} ({pair.kind}{between})")
         for path, why in rejected.items():
             notes.append(f"{path}: starts no growable pair ({why})")
-        if opts.init == "reset" and plan:
+        shrunk = [pair for pair, full, start in plan if start != full]
+        if opts.init == "reset" and shrunk:
             # seeded and forked: the pass gives the same weights every time and leaves the global RNG alone
             with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(getattr(ctx, "seed", 0))
-                _reset(gm, [pair for pair, _, _ in plan], torch)
+                torch.manual_seed(opts.seed)
+                _reset(gm, shrunk, torch)
         gm.gx_growth = {"pairs": recorded}
-        changed = any(full != start for _, full, start in plan)
+        changed = bool(shrunk)
         if changed:
             for node in gm.graph.nodes:  # shapes changed: the manager re-propagates
                 if node.op != "placeholder":

@@ -56,6 +56,8 @@ def test_slice_keeps_the_first_units_and_reset_reinitialises_at_the_new_fan_in()
     reset = compile_loaded(_loaded(Before()), "grow{width=3}").module
     again = compile_loaded(_loaded(Before()), "grow{width=3}").module
     torch.testing.assert_close(reset.fc2.weight, again.fc2.weight, rtol=0, atol=0)   # seeded: reproducible
+    other = compile_loaded(_loaded(Before()), "grow{width=3,seed=1}").module
+    assert not torch.equal(other.fc2.weight, reset.fc2.weight)
     bound = float(reset.fc2.weight.detach().abs().max())
     assert 8 ** -0.5 < bound <= 3 ** -0.5        # PyTorch's uniform(+-1/sqrt(fan_in)) at fan-in 3, not 8
     assert reset.fc1.in_features == 6 and reset.fc1.out_features == reset.bn.num_features == reset.fc2.in_features == 3
@@ -101,7 +103,7 @@ def test_registered_with_its_options_and_schedule():
     cls = PASSES["grow"]
     assert cls.preserves_function is False and cls.schedule is None
     info = describe_pass("grow")
-    assert [o["name"] for o in info["options"]] == ["width", "targets", "init"]
+    assert [o["name"] for o in info["options"]] == ["width", "targets", "init", "seed"]
 
 
 def test_bad_input():
