@@ -313,6 +313,16 @@ def analyse_growth(gm: fx.GraphModule) -> GrowthAnalysis:
     return GrowthAnalysis(pairs, rejected, block_sites(gm))
 
 
+def growth_record(gm: fx.GraphModule) -> dict[str, Any]:
+    """What growth recorded on a graph: ``pairs`` {name: {"full", "start"}} (from the ``grow`` pass) and
+    ``blocks`` [{"name", "site"}] (inserted blocks, in order). Kept in ``gm.meta``, which survives a
+    deep copy; a checkpoint of a grown model stores ``blocks`` to rebuild them on resume."""
+    record = gm.meta.setdefault("gx_growth", {})
+    record.setdefault("pairs", {})
+    record.setdefault("blocks", [])
+    return record
+
+
 def explain_none(rejected: dict[str, str]) -> str:
     """One line per layer: why no pair starts there (for the no-growable-pair error)."""
     return "; ".join(f"{path}: {why}" for path, why in rejected.items()) or "the model has no Linear or Conv2d"

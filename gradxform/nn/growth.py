@@ -45,7 +45,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import GradxformError
-from ..ir.growth import BlockSite, GrowablePair, Layer, explain_none, growable_pairs
+from ..ir.growth import BlockSite, GrowablePair, Layer, explain_none, growable_pairs, growth_record
 from ..state import frozen_buffers
 
 # sigma'(0) of each activation: the right derivative for ReLU (a new unit starts on its linear side).
@@ -650,7 +650,7 @@ def growth_cost(plan: Sequence[tuple[Candidate, int]], gm: fx.GraphModule, budge
 
 def full_widths(gm: fx.GraphModule) -> dict[str, int]:
     """Hidden widths before the ``grow`` pass shrank the model (empty if it did not run)."""
-    return {name: row["full"] for name, row in getattr(gm, "gx_growth", {}).get("pairs", {}).items()}
+    return {name: row["full"] for name, row in growth_record(gm)["pairs"].items()}
 
 
 def _batches(batches: Iterable) -> list:
@@ -708,8 +708,10 @@ def grow_once(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]]
     stats = statistics_for_growth(model, pairs, batches, loss_fn, cfg)
     cands = [candidate(p, stats[p.name], model, room(p), cfg.sv_floor, cfg.eigen_floor, cfg.project, cfg.damping)
              for p in pairs]
+    # sizes of the decompositions (eigh of S_-2: d; SVD: d x m; solve: dB), for cost accounting
     gains = {c.pair.name: {"D": c.D, "neurons": c.gain_neurons, "total": c.gain, "bottleneck": c.bottleneck,
-                           "available": c.neurons} for c in cands}
+                           "available": c.neurons, "d": int(stats[c.pair.name].S_prev.shape[0]),
+                           "m": int(c.omega.shape[0]), "dB": int(stats[c.pair.name].S.shape[0])} for c in cands}
     cands.sort(key=lambda c: -c.gain)
     if cfg.strategy == "best":
         cands = cands[:1]
@@ -924,9 +926,7 @@ def grow_block(model: fx.GraphModule, batches: Iterable[tuple[Any, torch.Tensor]
         _refresh_metadata(model)
         return report, None
     report.pairs[0]["block"] = chosen[0].name
-    info = getattr(model, "gx_growth", None) or {"pairs": {}}
-    info.setdefault("blocks", []).append({"name": block.name, "site": chosen[0].name})
-    model.gx_growth = info
+    growth_record(model)["blocks"].append({"name": block.name, "site": chosen[0].name})
     return report, block
 
 
@@ -968,7 +968,7 @@ def set_width(gm: fx.GraphModule, pair: GrowablePair, width: int) -> None:
 def resize_to_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], blocks: Sequence[dict[str, str]] = ()) -> bool:
     """Rebuild grown shapes before ``load_state_dict`` (resuming from a checkpoint of a grown model).
 
-    ``blocks`` are the inserted blocks in insertion order, as recorded in ``gm.gx_growth['blocks']``
+    ``blocks`` are the inserted blocks in insertion order, as recorded in ``growth_record(gm)['blocks']``
     of the grown model ({"name", "site"}); each is inserted again at its site, then every growable
     pair takes the hidden width its first layer's weight has in ``state``. Returns whether anything
     changed (the caller rebuilds its optimizer).
@@ -991,8 +991,6 @@ def resize_to_state(gm: fx.GraphModule, state: dict[str, torch.Tensor], blocks: 
             set_width(gm, pair, int(saved.shape[0]))
             changed = True
     if changed:
-        info = getattr(gm, "gx_growth", None) or {"pairs": {}}
-        info["blocks"] = [dict(b) for b in blocks]
-        gm.gx_growth = info
+        growth_record(gm)["blocks"] = [dict(b) for b in blocks]
         _refresh_metadata(gm)
     return changed

@@ -33,7 +33,7 @@ class Grow(Pass):
     both Conv2d): l1 keeps its first units' outputs, l2 the matching inputs, batch norms between them
     their channels. The model's inputs and outputs (the first and last layers' interfaces) are
     unchanged. The report lists each pair with its width before and after; the widths before are
-    recorded on the module (``gx_growth``) as the default cap for growing back.
+    recorded on the module (``gradxform.ir.growth.growth_record``) as the default cap for growing back.
     """
 
     name = "grow"
@@ -47,7 +47,7 @@ class Grow(Pass):
         import torch
 
         from ..errors import GradxformError
-        from ..ir.growth import explain_none, growable_pairs
+        from ..ir.growth import explain_none, growable_pairs, growth_record
         from ..nn.growth import set_width
 
         opts = self.options
@@ -62,7 +62,7 @@ class Grow(Pass):
                                  + ", ".join(p.name for p in pairs))
         widths = opts.width * len(pairs) if len(opts.width) == 1 else opts.width
         rows, notes = [], []
-        recorded = dict(getattr(gm, "gx_growth", {}).get("pairs", {}))
+        recorded = growth_record(gm)["pairs"]
         plan = []
         for pair, w in zip(pairs, widths):
             if opts.targets and not any(fnmatch.fnmatch(pair.name, t) or fnmatch.fnmatch(pair.first.path, t)
@@ -90,7 +90,6 @@ class Grow(Pass):
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 torch.manual_seed(opts.seed)
                 _reset(gm, shrunk, torch)
-        gm.gx_growth = {"pairs": recorded}
         changed = bool(shrunk)
         if changed:
             for node in gm.graph.nodes:  # shapes changed: the manager re-propagates

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gradxform.errors import GradxformError
-from gradxform.ir.growth import growable_pairs
+from gradxform.ir.growth import growable_pairs, growth_record
 from gradxform.nn.growth import (GrowthConfig, GrowthStep, Insertion, best_update, candidate, collect_statistics,
                                  forward_flops, grow_once, held_out_loss, inverse_sqrt, new_neurons, summed_cross_entropy)
 
@@ -536,7 +536,8 @@ def test_resuming_rebuilds_grown_pairs_and_blocks_bit_identically():
     assert grow_block(gm, batches, config=GrowthConfig(neurons=3))[1] is not None
     assert grow_once(gm, batches, config=GrowthConfig(neurons=2, strategy="all")).grown
     state = {k: v.clone() for k, v in gm.state_dict().items()}
-    blocks = gm.gx_growth["blocks"]
+    blocks = growth_record(gm)["blocks"]
+    assert blocks == [{"name": "grown_block", "site": "after f"}]
     again = fresh()
     with pytest.raises(RuntimeError, match="Unexpected key"):        # the grown shapes are not there yet
         again.load_state_dict(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -9,6 +11,7 @@ import torch.nn as nn
 from gradxform.compiler import compile_loaded
 from gradxform.errors import GradxformError, PipelineError
 from gradxform.frontend.loader import LoadedModel
+from gradxform.ir.growth import growth_record
 from gradxform.passes.base import PASSES, describe_pass
 
 from ..conftest import example
@@ -44,7 +47,8 @@ def test_before_expected_shrinks_the_hidden_width_and_keeps_the_interfaces():
     assert p["notes"][0] == "fc1->fc2: hidden width 8 -> 2 (linear -> bn -> relu)"
     assert "fc2: starts no growable pair (its output is a model output)" in p["notes"]
     assert p["params"] == [sum(t.numel() for t in Before().parameters()), sum(t.numel() for t in Before(2).parameters())]
-    assert gm.gx_growth == {"pairs": {"fc1->fc2": {"full": 8, "start": 2}}}
+    assert growth_record(gm) == {"pairs": {"fc1->fc2": {"full": 8, "start": 2}}, "blocks": []}
+    assert growth_record(copy.deepcopy(gm))["pairs"] == {"fc1->fc2": {"full": 8, "start": 2}}
 
 
 def test_slice_keeps_the_first_units_and_reset_reinitialises_at_the_new_fan_in():
