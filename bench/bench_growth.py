@@ -196,6 +196,9 @@ def write(results: dict[str, dict], seeds: int) -> None:
         "(estimated below each table). Time: training and growth, evaluation excluded, median over seeds. "
         "Accuracy: mean ± std over seeds.",
         "",
+        "Goals (issue 15): grown within 1 point of full, at least 3 points above small, no worse than fixed, "
+        "training FLOPs at most 0.6x full's; the check table under each model gives the per-seed differences.",
+        "",
     ]
     for name, res in results.items():
         runs = res["runs"]
