@@ -12,7 +12,7 @@ from gradxform.compiler import compile_loaded
 from gradxform.errors import GradxformError, PipelineError
 from gradxform.frontend.loader import LoadedModel
 from gradxform.ir.growth import growth_record
-from gradxform.passes.base import PASSES, describe_pass
+from gradxform.passes import PASSES, describe_pass
 
 from ..conftest import example
 
