@@ -56,9 +56,15 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _stages(module: Any) -> list:
+    from ..nn.staged import stages_of
+
+    return stages_of(module) or []
+
+
 def _code_of(module: Any) -> dict[str, str]:
-    stages = getattr(module, "stages", None)
-    if stages is not None:
+    stages = _stages(module)
+    if stages:
         return {f"stage{i}.py": s.code for i, s in enumerate(stages)}
     return {"model.py": getattr(module, "code", "")}
 
@@ -88,7 +94,7 @@ def save(module: Any, folder: str | Path, recipe: Recipe | None = None) -> Path:
         "attr": recipe.attr,
         "tracer": recipe.tracer,
         "pipeline": recipe.pipeline,
-        "stages": len(getattr(module, "stages", [])) or None,
+        "stages": len(_stages(module)) or None,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return folder

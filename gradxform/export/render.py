@@ -54,8 +54,10 @@ def _quote(s: str) -> str:
 
 def to_dot(module: Any, title: str = "") -> str:
     """DOT text for a GraphModule or a StagedModule."""
-    stages = list(getattr(module, "stages", None) or [module])
-    staged = hasattr(module, "stages")
+    from ..nn.staged import stages_of
+
+    staged = stages_of(module) is not None
+    stages = stages_of(module) or [module]
     lines = ["digraph gradxform {", "  rankdir=TB; compound=true; newrank=true;",
              '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, penwidth=0.6];',
              '  edge [arrowsize=0.6, color="#555555"];']

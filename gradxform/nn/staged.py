@@ -55,6 +55,15 @@ class StagedModule(torch.nn.Module):
         return len(self.stages)
 
 
+def stages_of(module: Any) -> list[fx.GraphModule] | None:
+    """The stages of a :class:`StagedModule`, or None for anything else.
+
+    Decided by type: a model may well have a submodule of its own called ``stages`` (timm's
+    ConvNeXt does), and an fx GraphModule of it keeps that submodule.
+    """
+    return list(module.stages) if isinstance(module, StagedModule) else None
+
+
 def stage_inverse(stage: fx.GraphModule) -> Any:
     """A function from the stage's outputs to its inputs, when the stage is invertible; else None.
 

@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from ..errors import GradxformError, PassError
 from ..ir.cost import evaluate, hints, node_costs, total
 from ..ir.meta import has_metadata, propagate
+from ..nn.staged import StagedModule, stages_of
 from ..state import frozen_buffers
 from .base import Pass, PassResult
 
@@ -57,9 +58,9 @@ class PassRecord:
 
 def graphs_of(module: Any) -> list[fx.GraphModule]:
     """The GraphModule(s) making up a module: itself, or a staged module's stages."""
-    stages = getattr(module, "stages", None)
+    stages = stages_of(module)
     if stages is not None:
-        return list(stages)
+        return stages
     return [module] if isinstance(module, fx.GraphModule) else []
 
 
@@ -172,14 +173,13 @@ class PassManager:
 
     @staticmethod
     def _apply(p: Pass, module: Any, ctx: PassContext) -> PassResult:
-        stages = getattr(module, "stages", None)
-        if stages is None or p.whole_model:
+        if not isinstance(module, StagedModule) or p.whole_model:
             return p.run(module, ctx)
         # A per-graph pass on a staged model runs on each stage in turn.
         changed, notes, info = False, [], {}
-        for j, stage in enumerate(stages):
+        for j, stage in enumerate(module.stages):
             r = p.run(stage, ctx)
-            stages[j] = r.module
+            module.stages[j] = r.module
             changed |= r.changed
             notes += [f"stage {j}: {n}" for n in r.notes]
             info[f"stage{j}"] = r.info

@@ -44,8 +44,9 @@ class Split(Pass):
         from ..ir.analysis import analyse
         from ..ir.cost import evaluate, hints, node_costs
         from ..ir.partition import partition, stage_costs
+        from ..nn.staged import StagedModule
 
-        if getattr(gm, "stages", None) is not None:
+        if isinstance(gm, StagedModule):
             raise PipelineError("the model is already split", hint="use one 'split' per pipeline")
         opts = self.options
         if unfold_chains(gm):

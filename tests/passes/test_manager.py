@@ -139,3 +139,32 @@ def test_lint_catches_a_malformed_graph():
     gm, ctx = _prepared()
     with pytest.raises(PassError, match="pass 'dangling' failed"):
         PassManager([Dangling()]).run(gm, ctx)
+
+
+class OwnStages(nn.Module):
+    """A model with a submodule of its own named ``stages`` (as timm's ConvNeXt has)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.stages(x)
+        return self.head(h + x)
+
+
+@pytest.mark.parametrize("pipeline", ["split{stages=2}", "reversible", "lowrank{rank=0.25,keep=none}",
+                                      "dgl{stages=2}"])
+def test_a_submodule_named_stages_is_not_a_staged_model(pipeline):
+    import gradxform
+    from gradxform.nn.staged import StagedModule, stages_of
+
+    torch.manual_seed(0)
+    model, x = OwnStages().double(), torch.randn(3, 4, dtype=torch.float64)
+    out = gradxform.compile(model, pipeline, example_inputs=(x,))
+    assert isinstance(out, StagedModule) == pipeline.startswith(("split", "dgl"))
+    assert all(isinstance(g, fx.GraphModule) for g in stages_of(out) or [])
+    assert out.gx_report["passes"][0]["changed"]
+    if pipeline.startswith("split"):
+        torch.testing.assert_close(out(x), model(x), rtol=0, atol=1e-12)
