@@ -70,6 +70,7 @@ class Analysis:
     blocks: list[ResidualBlock]
     chains: list[list[ResidualBlock]]           # maximal runs of invertible blocks
     cuts: list[CutPoint] = field(default_factory=list)
+    rejected: list[tuple[ResidualBlock, str]] = field(default_factory=list)  # nested/overlapping matches
 
     @property
     def valid_cuts(self) -> list[CutPoint]:
@@ -103,7 +104,8 @@ def _data_inputs(node: fx.Node, data: set[fx.Node]) -> list[fx.Node]:
     return [p for p in node.all_input_nodes if p in data]
 
 
-def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
+def find_blocks(gm: fx.GraphModule, rejected_out: list | None = None) -> list[ResidualBlock]:
+    """Residual blocks in graph order; nested or overlapping matches go to ``rejected_out`` with why."""
     anc, bit, nodes = _ancestors(gm)
     # 'data' values depend on a model input (not parameters or constants alone).
     data: set[fx.Node] = set()
@@ -120,8 +122,37 @@ def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         found = _match_residual(node, operands, gm, anc, bit, data)
         if found is not None:
             blocks.append(found)
+    blocks, rejected = _resolve_nesting(blocks)
     _name_blocks(blocks)
+    _name_blocks([b for b, _ in rejected])
+    if rejected_out is not None:
+        rejected_out.extend(rejected)
     return blocks
+
+
+def _resolve_nesting(blocks: list[ResidualBlock]) -> tuple[list[ResidualBlock], list[tuple[ResidualBlock, str]]]:
+    """Keep blocks that neither lie inside another block nor partly overlap one.
+
+    An addition inside a block's body may fork from one value too: GPT-2's tanh GELU computes
+    ``x + 0.044715 x^3`` inside the MLP's residual block. The outer block is the model's residual
+    connection (a pass that rewrites it rewrites everything inside); the inner one is dropped. Two
+    blocks that share nodes without one containing the other cannot both be rewritten: neither is kept.
+    """
+    members = [set(b.nodes) for b in blocks]
+    keep = [True] * len(blocks)
+    why = [""] * len(blocks)
+    for i, inner in enumerate(blocks):
+        for j, outer in enumerate(blocks):
+            if i == j or not members[i] & members[j]:
+                continue
+            if members[i] < members[j]:
+                keep[i], why[i] = False, f"nested inside the block ending at {outer.add.name}"
+            elif not members[j] < members[i]:
+                keep[i], why[i] = False, f"overlaps the block ending at {outer.add.name}"
+    rejected = [(b, w) for b, k, w in zip(blocks, keep, why) if not k]
+    for b, w in rejected:
+        b.invertible, b.reason = False, w
+    return [b for b, k in zip(blocks, keep) if k], rejected
 
 
 def _match_residual(add: fx.Node, operands: list[fx.Node], gm: fx.GraphModule,
@@ -335,6 +366,7 @@ def size_source(val: Any, crossing: list[fx.Node]) -> list[tuple[fx.Node, int]] 
 def analyse(gm: fx.GraphModule) -> Analysis:
     """Blocks, chains and cut points of a graph whose nodes carry ``meta['val']``."""
     order = compute_nodes(gm)
-    blocks = find_blocks(gm)
+    rejected: list[tuple[ResidualBlock, str]] = []
+    blocks = find_blocks(gm, rejected)
     return Analysis(order=order, blocks=blocks, chains=find_chains(blocks),
-                    cuts=find_cuts(gm, order, blocks))
+                    cuts=find_cuts(gm, order, blocks), rejected=rejected)
