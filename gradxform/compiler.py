@@ -15,6 +15,7 @@ from .export.artefact import Recipe
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
 from .ir.analysis import Analysis, analyse
+from .ir.noops import remove_no_ops
 from .ir.meta import flat_inputs, has_metadata, propagate, symbol_names, tags
 from .passes.base import resolve_pipeline
 from .passes.manager import PassContext, PassManager, compare, run_example
@@ -68,6 +69,10 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
                                   "shapes and dtypes the model expects") from None
     timings["metadata"] = time.perf_counter() - start
     start = time.perf_counter()
+    removed = remove_no_ops(gm)
+    if removed:
+        traced.notes.append("removed nodes that compute nothing: "
+                            + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
     annotate(gm, analyse(gm))
     timings["analysis"] = time.perf_counter() - start
     return gm, traced.tracer, traced.notes, timings
