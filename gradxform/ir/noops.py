@@ -59,11 +59,29 @@ def _is_alias(node: fx.Node, gm: fx.GraphModule) -> bool:
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
-    """Erase ``nodes`` left without users (an assertion's condition), and then their inputs."""
-    todo = list(nodes)
+    """Erase ``nodes`` left without users (an assertion's condition), and then their inputs.
+
+    Also the shape reads of the assertion's message (``f"... got {x.shape}"`` leaves a ``getattr``
+    node that nothing uses). Only reads of sizes and arithmetic on them are erased: a layer whose
+    output is unused may still update buffers (BatchNorm's running statistics).
+    """
+    todo = list(nodes) + [n for n in graph.nodes if _reads_metadata(n)]
     while todo:
         n = todo.pop()
-        if n.users or n.op in ("placeholder", "get_attr", "output") or n.is_impure():
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if n.is_impure():
+            continue
+        if not (_reads_metadata(n) or n in nodes):
             continue
         todo += n.all_input_nodes
         graph.erase_node(n)
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op != "call_function":
+        return False
+    return node.target is getattr or node.target is torch.ops.aten.sym_size.int or \
+        getattr(node.target, "__module__", None) == "_operator"
