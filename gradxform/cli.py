@@ -55,7 +55,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     _log(f"loading {a.target}")
     loaded = load(a.target, a.input_shape)
     _log(f"tracing and running {a.pipeline}")
-    result = compile_loaded(loaded, a.pipeline, tracer=a.tracer, check=not a.no_check, rtol=a.rtol, atol=a.atol)
+    result = compile_loaded(loaded, a.pipeline, tracer=a.tracer, check=not a.no_check, rtol=a.rtol, atol=a.atol,
+                            strict=a.strict)
     report = result.report
     written, failures = [], []
     module = result.module
@@ -197,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true", help="skip comparing outputs after each pass")
     c.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check")
     c.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check")
+    c.add_argument("--strict", action="store_true", help="fail (exit 2) when a pass changes nothing")
     c.set_defaults(func=cmd_compile)
 
     ps = sub.add_parser("passes", help="list the passes and their options")

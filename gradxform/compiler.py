@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import PassError, TraceError
+from .errors import PassError, PipelineError, TraceError
 from .export.artefact import Recipe
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
@@ -18,7 +18,7 @@ from .ir.analysis import Analysis, analyse
 from .ir.noops import remove_no_ops
 from .ir.meta import flat_inputs, has_metadata, propagate, symbol_names, tags
 from .passes.base import resolve_pipeline
-from .passes.manager import PassContext, PassManager, compare, run_example
+from .passes.manager import CHECKS, PassContext, PassManager, compare, run_example
 
 
 @dataclass
@@ -72,7 +72,7 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
     removed = remove_no_ops(gm)
     if removed:
         traced.notes.append("removed nodes that compute nothing: "
-                            + ", ".join(f"{n} {kind}" for kind, n in removed.items()))
+                            + ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in removed.items()))
     annotate(gm, analyse(gm))
     timings["analysis"] = time.perf_counter() - start
     return gm, traced.tracer, traced.notes, timings
@@ -92,29 +92,45 @@ def _failing_node(e: BaseException) -> str | None:
     return f"layer {m.group(2)} (node {m.group(1)})" if m else None
 
 
-def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool = True,
-                   rtol: float | None = None, atol: float | None = None) -> CompileResult:
+def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool | str = True,
+                   rtol: float | None = None, atol: float | None = None, strict: bool = False) -> CompileResult:
+    """Trace ``loaded`` and run ``pipeline``. ``check``: True/"sample" (a slice of the example batch),
+    "full" (all of it) or False; ``strict``: a pass that changes nothing is an error."""
     passes = resolve_pipeline(pipeline)  # parse first: a typo fails before any tracing
+    if check not in (True, False, *CHECKS):
+        raise PipelineError(f"unknown output check {check!r}", hint="use True, False, 'sample' or 'full'")
     # The weights before any pass: an artefact rebuilds the model by replaying the pipeline on them.
     original = {k: v.detach().clone() for k, v in loaded.module.state_dict().items()}
     gm, used, notes, timings = prepare(loaded, tracer)
-    ctx = PassContext(loaded.args, loaded.kwargs, check=check, rtol=rtol, atol=atol)
-    trace_diff = None
+    ctx = PassContext(loaded.args, loaded.kwargs, check=check, rtol=rtol, atol=atol, strict=strict)
+    trace_diff = reference = None
     if check:
-        # The traced graph must compute what the model computes before any pass touches it.
-        trace_diff, ok, why = compare(run_example(loaded.module, ctx), run_example(gm, ctx), rtol, atol)
+        start = time.perf_counter()
+        # The traced graph must compute what the model computes before any pass touches it; its
+        # outputs are then the first pass's reference.
+        try:
+            expected = run_example(loaded.module, ctx)
+        except Exception:
+            if ctx.check_inputs()[0] is loaded.args:
+                raise
+            ctx.full_check = True  # the model insists on its example's batch size
+            expected = run_example(loaded.module, ctx)
+        reference = run_example(gm, ctx)
+        trace_diff, ok, why = compare(expected, reference, rtol, atol)
         if not ok:
             raise PassError(f"the traced graph ({used}) does not reproduce the model's outputs: "
                             + (why or f"max abs difference {trace_diff:.3g}"), where="tracing",
                             hint="try the other tracer with --tracer fx|export")
+        timings["trace_check"] = time.perf_counter() - start
     start = time.perf_counter()
-    module, records = PassManager(passes, pipeline).run(gm, ctx)
+    module, records = PassManager(passes, pipeline).run(gm, ctx, reference)
     timings["passes"] = time.perf_counter() - start
     report = {
         "model": loaded.spec,
         "tracer": used,
         "trace_notes": notes,
         "trace_max_abs_diff": trace_diff,
+        "check": ctx.describe_check(),
         "pipeline": pipeline,
         "inputs": _describe_inputs(loaded),
         "symbols": {name: hint for name, hint in gm.meta.get("gx_symbols", {}).values()},
@@ -138,9 +154,9 @@ def _describe_inputs(loaded: LoadedModel) -> dict[str, Any]:
 
 def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
             example_kwargs: dict | None = None, input_shapes: list[str] | None = None,
-            tracer: str = "auto", check: bool = True, rtol: float | None = None,
-            atol: float | None = None) -> CompileResult:
-    """Compile an ``nn.Module`` (with example inputs) or a ``FILE[:ATTR]`` path."""
+            tracer: str = "auto", check: bool | str = True, rtol: float | None = None,
+            atol: float | None = None, strict: bool = False) -> CompileResult:
+    """Compile an ``nn.Module`` (with example inputs) or a ``FILE[:ATTR]`` path; see :func:`compile_loaded`."""
     if isinstance(model, (str, Path)):
         loaded = load(str(model), input_shapes)
         if example_inputs is not None or example_kwargs:
@@ -152,7 +168,7 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
             raise ModelLoadError("compiling an nn.Module needs example inputs",
                                  hint="pass example_inputs=(x,) (and example_kwargs={...} for keyword inputs)")
         loaded = LoadedModel(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
-    return compile_loaded(loaded, pipeline, tracer=tracer, check=check, rtol=rtol, atol=atol)
+    return compile_loaded(loaded, pipeline, tracer=tracer, check=check, rtol=rtol, atol=atol, strict=strict)
 
 
 def inspect_loaded(loaded: LoadedModel, tracer: str = "auto") -> dict[str, Any]:

@@ -22,21 +22,21 @@ _KWARGS_SAME = ("dtype", "device", "layout")
 
 
 def remove_no_ops(gm: fx.GraphModule) -> dict[str, int]:
-    """Drop assertions, same-dtype conversions and ``nn.Identity`` calls; returns counts by kind.
+    """Drop assertions, same-dtype conversions and ``nn.Identity`` calls; returns how many of each kind.
 
     Needs ``meta['val']`` on the nodes (a conversion is an alias only when the dtype is unchanged).
     """
-    counts = {"assertions": 0, "conversions": 0, "identity layers": 0}
+    counts = {"assertion": 0, "conversion": 0, "identity layer": 0}
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target in _ASSERTS and not node.users:
             inputs = node.all_input_nodes
             gm.graph.erase_node(node)
             _erase_dead(gm.graph, inputs)
-            counts["assertions"] += 1
+            counts["assertion"] += 1
         elif _is_alias(node, gm):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-            counts["conversions" if node.op == "call_function" else "identity layers"] += 1
+            counts["conversion" if node.op == "call_function" else "identity layer"] += 1
     if any(counts.values()):
         gm.recompile()
     return {k: v for k, v in counts.items() if v}

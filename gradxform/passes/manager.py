@@ -24,16 +24,67 @@ from ..state import frozen_buffers
 from .base import Pass, PassResult
 
 
+CHECKS = ("sample", "full")
+
+
 @dataclass
 class PassContext:
-    """What every pass may read: example inputs, verification settings, the model's file."""
+    """What every pass may read: example inputs, verification settings, the model's file.
+
+    ``check``: True (or "sample") compares outputs on a slice of the example batch, ``SAMPLES``
+    samples, which is what a rewrite that is wrong for one sample gets wrong (the batch rows run the
+    same graph); "full" on the whole example batch; False not at all. Passes themselves (balancing by
+    measured time, sizing heads) always see the whole batch in ``args``/``kwargs``.
+    ``strict``: a pass that changes nothing is an error instead of a line in the report.
+    """
 
     args: tuple
     kwargs: dict = field(default_factory=dict)
-    check: bool = True
+    check: bool | str = True
     rtol: float | None = None
     atol: float | None = None
     seed: int = 0
+    strict: bool = False
+    full_check: bool = False  # set when the slice cannot run (a model that fixes its batch size)
+
+    @property
+    def checking(self) -> bool:
+        return bool(self.check)
+
+    def check_inputs(self) -> tuple[tuple, dict]:
+        """The inputs the output check runs on (see the class docstring)."""
+        if self.check == "full" or not self.check or self.full_check:
+            return self.args, self.kwargs
+        sliced = batch_slice(self.args, self.kwargs, SAMPLES)
+        return sliced if sliced is not None else (self.args, self.kwargs)
+
+    def describe_check(self) -> str:
+        if not self.check:
+            return "off"
+        args, kwargs = self.check_inputs()
+        if args is self.args and kwargs is self.kwargs:
+            return "the whole example batch"
+        return f"{SAMPLES} of {_batch(self.args, self.kwargs)} samples of the example batch"
+
+
+SAMPLES = 2  # two, not one: a batch of one hides a batch axis mixed up with a size-1 axis
+
+
+def _batch(args: tuple, kwargs: dict) -> int | None:
+    first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim()), None)
+    return None if first is None else first.shape[0]
+
+
+def batch_slice(args: tuple, kwargs: dict, n: int) -> tuple[tuple, dict] | None:
+    """The first ``n`` samples of every input whose leading size is the batch's; None if no smaller."""
+    batch = _batch(args, kwargs)
+    if batch is None or batch <= n:
+        return None
+
+    def cut(t: Any) -> Any:
+        return t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch else t
+
+    return pytree.tree_map(cut, (tuple(args), dict(kwargs)))
 
 
 @dataclass
@@ -48,12 +99,13 @@ class PassRecord:
     notes: list[str]
     info: dict[str, Any]
     max_abs_diff: float | None = None
+    unchanged: str | None = None  # one line: the pass changed nothing, and why
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "spec": self.spec, "seconds": round(self.seconds, 4),
                 "changed": self.changed, "nodes": list(self.nodes), "params": list(self.params),
                 "flops": list(self.flops), "notes": self.notes, "info": self.info,
-                "max_abs_diff": self.max_abs_diff}
+                "max_abs_diff": self.max_abs_diff, "unchanged": self.unchanged}
 
 
 def graphs_of(module: Any) -> list[fx.GraphModule]:
@@ -75,10 +127,17 @@ def stats(module: Any) -> tuple[int, int, float]:
 
 
 def run_example(module: Any, ctx: PassContext) -> Any:
-    """Outputs on the example inputs, leaving the module's buffers and the global RNG untouched."""
+    """Outputs on the check's inputs (:meth:`PassContext.check_inputs`; the whole example batch when
+    the check is off), leaving the module's buffers and the global RNG untouched."""
+    args, kwargs = ctx.check_inputs()
     with torch.no_grad(), torch.random.fork_rng(devices=[]), frozen_buffers(module):
         torch.manual_seed(ctx.seed)
-        return module(*ctx.args, **ctx.kwargs)
+        return module(*args, **kwargs)
+
+
+def unchanged_line(name: str, notes: list[str]) -> str:
+    """'highway changed nothing: <each note>', the one line a report gives a pass that did nothing."""
+    return f"{name} changed nothing: " + ("; ".join(notes) if notes else "it gave no reason")
 
 
 def abs_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -129,9 +188,13 @@ class PassManager:
         self.passes = passes
         self.text = pipeline_text or ",".join(p.describe() for p in passes)
 
-    def run(self, module: Any, ctx: PassContext) -> tuple[Any, list[PassRecord]]:
+    def run(self, module: Any, ctx: PassContext, reference: Any = None) -> tuple[Any, list[PassRecord]]:
+        """Run the passes on ``module``; ``reference``: its outputs on the check's inputs, if known."""
         records: list[PassRecord] = []
-        reference = run_example(module, ctx) if ctx.check else None
+        # after the last function-preserving pass nothing is compared: no need to run the model
+        last_check = max((i for i, p in enumerate(self.passes) if p.preserves_function), default=-1)
+        if ctx.checking and reference is None and last_check >= 0:
+            reference = run_example(module, ctx)
         for i, p in enumerate(self.passes):
             ran = [r.spec for r in records]
             where = f"step {i + 1} of pipeline '{self.text}'" + (f" (after {', '.join(ran)})" if ran else "")
@@ -153,9 +216,14 @@ class PassManager:
                                 hint="this is likely a bug in the pass; rerun with the pass removed to "
                                      "get the other artefacts") from e
             seconds = time.perf_counter() - start
+            unchanged = None if result.changed else unchanged_line(p.name, result.notes)
+            if unchanged and ctx.strict:
+                raise PassError(unchanged, where=where,
+                                hint=f"change the options of '{p.name}' (gradxform passes {p.name}), drop it "
+                                     f"from the pipeline, or compile without --strict")
             module = result.module
             diff = None
-            if ctx.check:
+            if ctx.checking and i <= last_check:
                 outputs = run_example(module, ctx)
                 if p.preserves_function:
                     diff, ok, why = compare(reference, outputs, ctx.rtol, ctx.atol)
@@ -168,7 +236,7 @@ class PassManager:
             after = stats(module)
             records.append(PassRecord(p.name, p.describe(), seconds, result.changed,
                                       (before[0], after[0]), (before[1], after[1]),
-                                      (before[2], after[2]), result.notes, result.info, diff))
+                                      (before[2], after[2]), result.notes, result.info, diff, unchanged))
         return module, records
 
     @staticmethod

@@ -20,7 +20,7 @@ DIGITS = ["x:[16,1,8,8]"]
 def test_golden_resnet34_segments_between_projection_blocks():
     result = compile_loaded(example("resnet.py:digits_resnet34", input_shapes=DIGITS), "highway")
     code = result.module.code
-    FileCheck().check("maxpool = self.maxpool(").check("highway0 = self.highway0(maxpool)").check(
+    FileCheck().check("relu = self.relu(bn1)").check_not("maxpool").check("highway0 = self.highway0(relu)").check(
         "downsample").check("add").check("highway1 = self.highway1(").check("downsample").check(
         "highway2 = self.highway2(").check("highway3 = self.highway3(").check("self.fc(").run(code)
     segments = [m for m in result.module.modules() if isinstance(m, HighwaySegment)]
