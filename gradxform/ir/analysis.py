@@ -8,8 +8,9 @@ be made reversible; the others are reported with the reason.
 
 A *cut point* is a position in the node order where the graph may be split into pipeline stages. It
 is valid when every value crossing it is a tensor (or a size that can be re-read from a crossing
-tensor's shape), when it does not fall inside a residual block, and when no parameter or buffer is
-used on both sides of it (tied weights stay in one stage).
+tensor's shape), when it does not fall inside a residual block, and when no buffer is used on both
+sides of it. A parameter used on both sides (tied embeddings) does not forbid the cut: each stage
+gets its own copy and the cut records it in ``tied``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class CutPoint:
     bytes: sympy.Expr     # bytes crossing, symbolic in B/T
     valid: bool
     reason: str = ""
+    tied: list[str] = field(default_factory=list)  # parameters used on both sides: copied per stage
 
 
 @dataclass
@@ -274,14 +276,19 @@ def find_cuts(gm: fx.GraphModule, order: list[fx.Node], blocks: list[ResidualBlo
         first = min(pos[n] for n in b.nodes if n in pos)
         for i in range(first + 1, pos[b.exit] + 1):
             inside[i] = 1
-    # A parameter/buffer used on both sides of a cut would be duplicated across stages.
+    # A parameter used on both sides of a cut (tied weights, a layer called twice) gets a copy in each
+    # stage, the copies' gradients summed before every update (StagedModule.tied). A buffer cannot
+    # be shared that way: BatchNorm statistics updated in two stages would drift apart.
     uses: dict[int, tuple[str, list[int]]] = {}
     buffer_ids = {id(b) for b in gm.buffers()}
     for n in gm.graph.nodes:
         for key, name in _state_of(n, gm, buffer_ids):
             at = [pos[u] for u in n.users if u in pos] if n.op == "get_attr" else [pos[n]]
             uses.setdefault(key, (name, []))[1].extend(at)
-    attr_span = [(min(at), max(at), name) for name, at in uses.values() if at and min(at) != max(at)]
+    spans = [(min(at), max(at), name, key in buffer_ids) for key, (name, at) in uses.items()
+             if at and min(at) != max(at)]
+    attr_span = [(lo, hi, name) for lo, hi, name, buffer in spans if buffer]
+    tied_span = [(lo, hi, name) for lo, hi, name, buffer in spans if not buffer]
 
     live: list[fx.Node] = [n for n in gm.graph.nodes if n.op == "placeholder"]
     cuts: list[CutPoint] = []
@@ -296,13 +303,14 @@ def find_cuts(gm: fx.GraphModule, order: list[fx.Node], blocks: list[ResidualBlo
         else:
             shared = next((k for lo, hi, k in attr_span if lo < i <= hi), None)
             if shared is not None:
-                reason = f"'{shared}' is used on both sides (shared or tied parameter)"
+                reason = f"buffer '{shared}' is used on both sides (a copy per stage would drift apart)"
             else:
                 bad = [v for v in crossing if not _carriable(v, crossing)]
                 if bad:
                     reason = f"'{bad[0].name}' is not a tensor"
         nbytes = sum((tensor_bytes(v) for v in crossing), sympy.Integer(0))
-        cuts.append(CutPoint(i, node.name, crossing, named(nbytes, gm), not reason, reason))
+        tied = [k for lo, hi, k in tied_span if lo < i <= hi]
+        cuts.append(CutPoint(i, node.name, crossing, named(nbytes, gm), not reason, reason, tied))
     return cuts
 
 

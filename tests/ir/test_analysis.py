@@ -85,7 +85,7 @@ def test_projection_skip_with_pooling():
     assert not block.invertible and [n.target for n in block.skip] == ["pool", "proj"]
 
 
-def test_shared_module_blocks_cuts_between_its_uses():
+def test_a_layer_used_twice_allows_cuts_that_record_its_parameters_as_tied():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -96,8 +96,24 @@ def test_shared_module_blocks_cuts_between_its_uses():
 
     gm, _, _, _ = prepare(LoadedModel(Tied(), (torch.randn(2, 4),)))
     an = analyse(gm)
+    assert [c.after for c in an.valid_cuts] == ["shared", "mid"]
+    assert all(c.tied == ["shared.weight", "shared.bias"] for c in an.valid_cuts)
+
+
+def test_a_buffer_used_on_both_sides_forbids_the_cut():
+    class SharedNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mid = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.norm(self.mid(self.norm(x)))
+
+    gm, _, _, _ = prepare(LoadedModel(SharedNorm(), (torch.randn(3, 4),)))
+    an = analyse(gm)
     assert not an.valid_cuts
-    assert all("shared.weight" in c.reason and "shared or tied" in c.reason for c in an.cuts)
+    assert all(c.reason == "buffer 'norm.running_mean' is used on both sides (a copy per stage would drift apart)"
+               for c in an.cuts)
 
 
 class TanhGeluMLP(nn.Module):
