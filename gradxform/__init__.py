@@ -26,7 +26,7 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
     ``model`` is an ``nn.Module`` (then ``example_inputs`` is required) or a ``"FILE[:ATTR]"`` path.
     Returns a GraphModule, or a StagedModule whose ``.stages`` are GraphModules; its ``gx_report``
     attribute holds the compile report. ``check``: compare outputs after every function-preserving
-    pass on two samples of the example batch (True, the default), on all of it ("full"), or not
+    pass on one sample of the example batch (True, the default), on all of it ("full"), or not
     (False). ``strict``: a pass that changes nothing raises instead of saying so in the report.
     """
     from .compiler import compile as _compile
