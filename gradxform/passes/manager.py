@@ -32,8 +32,8 @@ class PassContext:
     """What every pass may read: example inputs, verification settings, the model's file.
 
     ``check``: True (or "sample") compares outputs on a slice of the example batch, its first
-    ``SAMPLES`` sample(s); "full" on the whole example batch; False not at all. Passes themselves (balancing by
-    measured time, sizing heads) always see the whole batch in ``args``/``kwargs``.
+    ``SAMPLES`` sample(s); "full" on the whole example batch; False not at all. Passes themselves
+    (balancing by measured time, sizing heads) always see the whole batch in ``args``/``kwargs``.
     ``strict``: a pass that changes nothing is an error instead of a line in the report.
     """
 

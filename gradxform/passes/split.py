@@ -32,8 +32,8 @@ class Split(Pass):
     the users of one buffer. A parameter used on both sides of a cut (tied embeddings) is copied into
     each stage that uses it, the groups recorded in ``StagedModule.tied``. Among the valid cuts the
     partition minimising the most expensive stage is chosen exactly (dynamic programming, not greedy);
-    ties go to the fewest bytes crossing stage boundaries. Values used by a later stage are carried through the stages in
-    between; sizes are re-read from the received tensors instead of being sent.
+    ties go to the fewest bytes crossing stage boundaries. Values used by a later stage are carried
+    through the stages in between; sizes are re-read from the received tensors instead of being sent.
     """
 
     name = "split"

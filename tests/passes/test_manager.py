@@ -177,7 +177,8 @@ def test_a_pass_that_changes_nothing_says_so_in_one_line():
     out = gradxform.compile(Net(), "highway", example_inputs=(x,))
     record = out.gx_report["passes"][0]
     assert record["changed"] is False
-    assert record["unchanged"] == "highway changed nothing: no residual run or recurrent layer found: nothing to convert"
+    assert record["unchanged"] == ("highway changed nothing: no residual run or recurrent layer found: "
+                                   "nothing to convert")
     from gradxform.export.report import format_compile
 
     assert "\n  ! highway changed nothing: no residual run" in format_compile(out.gx_report)
