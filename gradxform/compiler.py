@@ -111,9 +111,10 @@ def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", 
         try:
             expected = run_example(loaded.module, ctx)
         except Exception:
-            if ctx.check_inputs()[0] is loaded.args:
+            if not ctx.sampling:
                 raise
-            ctx.full_check = True  # the model insists on its example's batch size
+            # the model cannot run the slice: it fixes its batch size, or trains BatchNorm over one value
+            ctx.full_check = True
             expected = run_example(loaded.module, ctx)
         reference = run_example(gm, ctx)
         trace_diff, ok, why = compare(expected, reference, rtol, atol)

@@ -50,18 +50,24 @@ class PassContext:
     def checking(self) -> bool:
         return bool(self.check)
 
+    def _slice(self) -> tuple[tuple, dict] | None:
+        if self.check == "full" or not self.check or self.full_check:
+            return None
+        return batch_slice(self.args, self.kwargs, SAMPLES)
+
+    @property
+    def sampling(self) -> bool:
+        """Whether the check runs on a slice of the example batch."""
+        return self._slice() is not None
+
     def check_inputs(self) -> tuple[tuple, dict]:
         """The inputs the output check runs on (see the class docstring)."""
-        if self.check == "full" or not self.check or self.full_check:
-            return self.args, self.kwargs
-        sliced = batch_slice(self.args, self.kwargs, SAMPLES)
-        return sliced if sliced is not None else (self.args, self.kwargs)
+        return self._slice() or (self.args, self.kwargs)
 
     def describe_check(self) -> str:
         if not self.check:
             return "off"
-        args, kwargs = self.check_inputs()
-        if args is self.args and kwargs is self.kwargs:
+        if not self.sampling:
             return "the whole example batch"
         return f"{SAMPLES} of the {_batch(self.args, self.kwargs)} samples of the example batch"
 

@@ -248,3 +248,20 @@ def test_a_model_that_fixes_its_batch_size_is_checked_on_the_whole_batch():
     result = compile_loaded(LoadedModel(Fixed(), (torch.randn(8, 4),)), "split{stages=2}")
     assert result.report["check"] == "the whole example batch"
     assert result.report["passes"][0]["max_abs_diff"] == 0.0
+
+
+def test_keyword_inputs_that_cannot_run_one_sample_are_checked_on_the_whole_batch():
+    class Pooled(nn.Module):
+        """BatchNorm in training mode over a 1x1 map: one sample is one value per channel."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)).flatten(1)
+
+    from gradxform.compiler import compile_loaded
+
+    result = compile_loaded(LoadedModel(Pooled(), (), {"x": torch.randn(4, 1, 3, 3)}), "split{stages=2}")
+    assert result.report["check"] == "the whole example batch"
