@@ -56,3 +56,8 @@ def build_model():
 
 def example_inputs():
     return (torch.randn(4, 3, 32, 32),)
+
+
+def vit_b16():
+    """ViT-B/16's shape (224x224 images, 16x16 patches, width 768, 12 blocks of 12 heads, 86M parameters)."""
+    return ViT(image=224, patch=16, dim=768, depth=12, heads=12, num_classes=1000)

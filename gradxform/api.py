@@ -25,16 +25,19 @@ from .runtime.train import Callback, TrainConfig, Trainer
 
 
 def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
-            example_kwargs: dict | None = None, tracer: str = "auto", check: bool = True,
-            rtol: float | None = None, atol: float | None = None) -> Any:
+            example_kwargs: dict | None = None, tracer: str = "auto", check: bool | str = True,
+            rtol: float | None = None, atol: float | None = None, strict: bool = False) -> Any:
     """Trace ``model`` and run ``pipeline`` on it.
 
     ``model`` is an ``nn.Module`` (then ``example_inputs`` is required) or a ``"FILE[:ATTR]"`` path.
     Returns a GraphModule, or a StagedModule whose ``.stages`` are GraphModules; its ``gx_report``
     attribute holds the compile report (``gx_report["schedule"]``: the schedule it compiles for).
+    ``check``: compare outputs after every function-preserving pass on one sample of the example batch
+    (True, the default), on all of it ("full"), or not (False). ``strict``: a pass that changes nothing
+    raises instead of saying so in the report.
     """
     return _compile(model, pipeline, example_inputs=example_inputs, example_kwargs=example_kwargs,
-                    tracer=tracer, check=check, rtol=rtol, atol=atol).module
+                    tracer=tracer, check=check, rtol=rtol, atol=atol, strict=strict).module
 
 
 def trace(model: Any, example_inputs: tuple, example_kwargs: dict | None = None, tracer: str = "auto") -> Any:

@@ -11,15 +11,16 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from .errors import ModelLoadError, PassError, TraceError
+from .errors import ModelLoadError, PassError, PipelineError, TraceError
 from .frontend.loader import LoadedModel, load
 from .frontend.tracer import trace
 from .ir.analysis import Analysis, analyse
 from .ir.cost import evaluate, hints, node_costs, total
 from .ir.match import op_kind
 from .ir.meta import flat_inputs, has_metadata, propagate, symbol_names, tags
+from .ir.noops import remove_no_ops
 from .passes import compiled_schedule, resolve_pipeline
-from .passes.manager import PassContext, PassManager, compare, run_example
+from .passes.manager import CHECKS, PassContext, PassManager, compare, run_example
 
 
 @dataclass
@@ -85,6 +86,10 @@ def prepare(loaded: LoadedModel, tracer: str = "auto") -> tuple[fx.GraphModule, 
                                   "shapes and dtypes the model expects") from None
     timings["metadata"] = time.perf_counter() - start
     start = time.perf_counter()
+    removed = remove_no_ops(gm)
+    if removed:
+        traced.notes.append("removed nodes that compute nothing: "
+                            + ", ".join(f"{n} {kind}{'s' if n != 1 else ''}" for kind, n in removed.items()))
     annotate(gm, analyse(gm))
     timings["analysis"] = time.perf_counter() - start
     return gm, traced.tracer, traced.notes, timings
@@ -102,29 +107,46 @@ def _failing_node(e: BaseException) -> str | None:
     return f"layer {m.group(2)} (node {m.group(1)})" if m else None
 
 
-def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool = True,
-                   rtol: float | None = None, atol: float | None = None) -> CompileResult:
+def compile_loaded(loaded: LoadedModel, pipeline: str, *, tracer: str = "auto", check: bool | str = True,
+                   rtol: float | None = None, atol: float | None = None, strict: bool = False) -> CompileResult:
+    """Trace ``loaded`` and run ``pipeline``. ``check``: True/"sample" (a slice of the example batch),
+    "full" (all of it) or False; ``strict``: a pass that changes nothing is an error."""
     passes = resolve_pipeline(pipeline)  # parse first: a typo fails before any tracing
+    if check not in (True, False, *CHECKS):
+        raise PipelineError(f"unknown output check {check!r}", hint="use True, False, 'sample' or 'full'")
     # The weights before any pass: an artefact rebuilds the model by replaying the pipeline on them.
     original = {k: v.detach().clone() for k, v in loaded.module.state_dict().items()}
     gm, used, notes, timings = prepare(loaded, tracer)
-    ctx = PassContext(loaded.args, loaded.kwargs, check=check, rtol=rtol, atol=atol)
-    trace_diff = None
+    ctx = PassContext(loaded.args, loaded.kwargs, check=check, rtol=rtol, atol=atol, strict=strict)
+    trace_diff = reference = None
     if check:
-        # The traced graph must compute what the model computes before any pass touches it.
-        trace_diff, ok, why = compare(run_example(loaded.module, ctx), run_example(gm, ctx), rtol, atol)
+        start = time.perf_counter()
+        # The traced graph must compute what the model computes before any pass touches it; its
+        # outputs are then the first pass's reference.
+        try:
+            expected = run_example(loaded.module, ctx)
+        except Exception:
+            if not ctx.sampling:
+                raise
+            # the model cannot run the slice: it fixes its batch size, or trains BatchNorm over one value
+            ctx.full_check = True
+            expected = run_example(loaded.module, ctx)
+        reference = run_example(gm, ctx)
+        trace_diff, ok, why = compare(expected, reference, rtol, atol)
         if not ok:
             raise PassError(f"the traced graph ({used}) does not reproduce the model's outputs: "
                             + (why or f"max abs difference {trace_diff:.3g}"), where="tracing",
                             hint="try the other tracer with --tracer fx|export")
+        timings["trace_check"] = time.perf_counter() - start
     start = time.perf_counter()
-    module, records = PassManager(passes, pipeline).run(gm, ctx)
+    module, records = PassManager(passes, pipeline).run(gm, ctx, reference)
     timings["passes"] = time.perf_counter() - start
     report = {
         "model": loaded.spec,
         "tracer": used,
         "trace_notes": notes,
         "trace_max_abs_diff": trace_diff,
+        "check": ctx.describe_check(),
         "pipeline": pipeline,
         "schedule": compiled_schedule(pipeline),
         "inputs": _describe_inputs(loaded),
@@ -150,9 +172,9 @@ def _describe_inputs(loaded: LoadedModel) -> dict[str, Any]:
 
 def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
             example_kwargs: dict | None = None, input_shapes: list[str] | None = None,
-            tracer: str = "auto", check: bool = True, rtol: float | None = None,
-            atol: float | None = None) -> CompileResult:
-    """Compile an ``nn.Module`` (with example inputs) or a ``FILE[:ATTR]`` path."""
+            tracer: str = "auto", check: bool | str = True, rtol: float | None = None,
+            atol: float | None = None, strict: bool = False) -> CompileResult:
+    """Compile an ``nn.Module`` (with example inputs) or a ``FILE[:ATTR]`` path; see :func:`compile_loaded`."""
     if isinstance(model, (str, Path)):
         loaded = load(str(model), input_shapes)
         if example_inputs is not None or example_kwargs:
@@ -162,7 +184,7 @@ def compile(model: Any, pipeline: str, *, example_inputs: tuple | None = None,
             raise ModelLoadError("compiling an nn.Module needs example inputs",
                                  hint="pass example_inputs=(x,) (and example_kwargs={...} for keyword inputs)")
         loaded = LoadedModel(model, tuple(example_inputs or ()), dict(example_kwargs or {}))
-    return compile_loaded(loaded, pipeline, tracer=tracer, check=check, rtol=rtol, atol=atol)
+    return compile_loaded(loaded, pipeline, tracer=tracer, check=check, rtol=rtol, atol=atol, strict=strict)
 
 
 def inspect_loaded(loaded: LoadedModel, tracer: str = "auto") -> dict[str, Any]:

@@ -59,7 +59,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     _log(f"loading {a.target}")
     loaded = load(a.target, a.input_shape)
     _log(f"tracing and running {a.pipeline}")
-    result = compile_loaded(loaded, a.pipeline, tracer=a.tracer, check=not a.no_check, rtol=a.rtol, atol=a.atol)
+    result = compile_loaded(loaded, a.pipeline, tracer=a.tracer, check=not a.no_check, rtol=a.rtol, atol=a.atol,
+                            strict=a.strict)
     report = result.report
     written, failures = [], []
     module = result.module
@@ -86,7 +87,9 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
         from ..export.onnx import export_all
 
-        n = 1 + len(getattr(module, "stages", []))
+        from ..nn.staged import stages_of
+
+        n = 1 + len(stages_of(module) or [])
         with tqdm(total=n, desc="onnx export", unit="graph", file=sys.stderr, disable=None) as bar:
             results = export_all(module, loaded.args, loaded.kwargs, out, a.onnx_exporter,
                                  progress=bar.update)
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true", help="skip comparing outputs after each pass")
     c.add_argument("--rtol", type=float, default=None, help="relative tolerance of the output check")
     c.add_argument("--atol", type=float, default=None, help="absolute tolerance of the output check")
+    c.add_argument("--strict", action="store_true", help="fail (exit 2) when a pass changes nothing")
     c.set_defaults(func=cmd_compile)
 
     ps = sub.add_parser("passes", help="list the passes and their options")

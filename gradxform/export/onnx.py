@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ..nn.staged import stages_of
 from ..passes.manager import max_abs_diff
 from ..state import frozen_buffers
 
@@ -137,7 +138,7 @@ def export_all(module: Any, args: tuple, kwargs: dict, folder: Path, exporter: s
         tick = progress or (lambda n=1: None)
         results.append(export_onnx(module, args, kwargs, folder / "model.onnx", "model", exporter))
         tick(1)
-        stages = getattr(module, "stages", None)
+        stages = stages_of(module)
         if stages is not None:
             feeds = [(module.first_inputs(args, kwargs), {})] + [(x, {}) for x in stage_inputs(module, args, kwargs)]
             for i, (stage, (a, k)) in enumerate(zip(stages, feeds)):

@@ -43,8 +43,11 @@ def format_compile(report: dict[str, Any]) -> str:
         diff = p.get("max_abs_diff")
         rows.append([p["spec"], f"{p['seconds']:.2f}s", _arrow(p["nodes"], str), _arrow(p["params"]),
                      _arrow(p["flops"]), "-" if diff is None else f"{diff:.2g}"])
-    out.append("\npasses")
+    out.append("\npasses" + (f"   (outputs checked on {report['check']})" if report.get("check") else ""))
     out.append(table(rows, ["pass", "time", "nodes", "params", "FLOPs", "max|Δ|"]))
+    for p in report["passes"]:
+        if p.get("unchanged"):
+            out.append(f"  ! {p['unchanged']}")
     for p in report["passes"]:
         for note in p["notes"]:
             out.append(f"  · {p['name']}: {note}")

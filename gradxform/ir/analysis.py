@@ -8,8 +8,9 @@ be made reversible; the others are reported with the reason.
 
 A *cut point* is a position in the node order where the graph may be split into pipeline stages. It
 is valid when every value crossing it is a tensor (or a size that can be re-read from a crossing
-tensor's shape), when it does not fall inside a residual block, and when no parameter or buffer is
-used on both sides of it (tied weights stay in one stage).
+tensor's shape), when it does not fall inside a residual block, and when no buffer is used on both
+sides of it. A parameter used on both sides (tied embeddings) does not forbid the cut: each stage
+gets its own copy and the cut records it in ``tied``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class CutPoint:
     bytes: sympy.Expr     # bytes crossing, symbolic in B/T
     valid: bool
     reason: str = ""
+    tied: list[str] = field(default_factory=list)  # parameters used on both sides: copied per stage
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Analysis:
     blocks: list[ResidualBlock]
     chains: list[list[ResidualBlock]]           # maximal runs of invertible blocks
     cuts: list[CutPoint] = field(default_factory=list)
+    rejected: list[tuple[ResidualBlock, str]] = field(default_factory=list)  # nested/overlapping matches
 
     @property
     def valid_cuts(self) -> list[CutPoint]:
@@ -103,7 +106,8 @@ def _data_inputs(node: fx.Node, data: set[fx.Node]) -> list[fx.Node]:
     return [p for p in node.all_input_nodes if p in data]
 
 
-def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
+def find_blocks(gm: fx.GraphModule, rejected_out: list | None = None) -> list[ResidualBlock]:
+    """Residual blocks in graph order; nested or overlapping matches go to ``rejected_out`` with why."""
     anc, bit, nodes = _ancestors(gm)
     # 'data' values depend on a model input (not parameters or constants alone).
     data: set[fx.Node] = set()
@@ -120,8 +124,37 @@ def find_blocks(gm: fx.GraphModule) -> list[ResidualBlock]:
         found = _match_residual(node, operands, gm, anc, bit, data)
         if found is not None:
             blocks.append(found)
+    blocks, rejected = _resolve_nesting(blocks)
     _name_blocks(blocks)
+    _name_blocks([b for b, _ in rejected])
+    if rejected_out is not None:
+        rejected_out.extend(rejected)
     return blocks
+
+
+def _resolve_nesting(blocks: list[ResidualBlock]) -> tuple[list[ResidualBlock], list[tuple[ResidualBlock, str]]]:
+    """Keep blocks that neither lie inside another block nor partly overlap one.
+
+    An addition inside a block's body may fork from one value too: GPT-2's tanh GELU computes
+    ``x + 0.044715 x^3`` inside the MLP's residual block. The outer block is the model's residual
+    connection (a pass that rewrites it rewrites everything inside); the inner one is dropped. Two
+    blocks that share nodes without one containing the other cannot both be rewritten: neither is kept.
+    """
+    members = [set(b.nodes) for b in blocks]
+    keep = [True] * len(blocks)
+    why = [""] * len(blocks)
+    for i, inner in enumerate(blocks):
+        for j, outer in enumerate(blocks):
+            if i == j or not members[i] & members[j]:
+                continue
+            if members[i] < members[j]:
+                keep[i], why[i] = False, f"nested inside the block ending at {outer.add.name}"
+            elif not members[j] < members[i]:
+                keep[i], why[i] = False, f"overlaps the block ending at {outer.add.name}"
+    rejected = [(b, w) for b, k, w in zip(blocks, keep, why) if not k]
+    for b, w in rejected:
+        b.invertible, b.reason = False, w
+    return [b for b, k in zip(blocks, keep) if k], rejected
 
 
 def _match_residual(add: fx.Node, operands: list[fx.Node], gm: fx.GraphModule,
@@ -243,14 +276,19 @@ def find_cuts(gm: fx.GraphModule, order: list[fx.Node], blocks: list[ResidualBlo
         first = min(pos[n] for n in b.nodes if n in pos)
         for i in range(first + 1, pos[b.exit] + 1):
             inside[i] = 1
-    # A parameter/buffer used on both sides of a cut would be duplicated across stages.
+    # A parameter used on both sides of a cut (tied weights, a layer called twice) gets a copy in each
+    # stage, the copies' gradients summed before every update (StagedModule.tied). A buffer cannot
+    # be shared that way: BatchNorm statistics updated in two stages would drift apart.
     uses: dict[int, tuple[str, list[int]]] = {}
     buffer_ids = {id(b) for b in gm.buffers()}
     for n in gm.graph.nodes:
         for key, name in _state_of(n, gm, buffer_ids):
             at = [pos[u] for u in n.users if u in pos] if n.op == "get_attr" else [pos[n]]
             uses.setdefault(key, (name, []))[1].extend(at)
-    attr_span = [(min(at), max(at), name) for name, at in uses.values() if at and min(at) != max(at)]
+    spans = [(min(at), max(at), name, key in buffer_ids) for key, (name, at) in uses.items()
+             if at and min(at) != max(at)]
+    attr_span = [(lo, hi, name) for lo, hi, name, buffer in spans if buffer]
+    tied_span = [(lo, hi, name) for lo, hi, name, buffer in spans if not buffer]
 
     live: list[fx.Node] = [n for n in gm.graph.nodes if n.op == "placeholder"]
     cuts: list[CutPoint] = []
@@ -265,13 +303,14 @@ def find_cuts(gm: fx.GraphModule, order: list[fx.Node], blocks: list[ResidualBlo
         else:
             shared = next((k for lo, hi, k in attr_span if lo < i <= hi), None)
             if shared is not None:
-                reason = f"'{shared}' is used on both sides (shared or tied parameter)"
+                reason = f"buffer '{shared}' is used on both sides (a copy per stage would drift apart)"
             else:
                 bad = [v for v in crossing if not _carriable(v, crossing)]
                 if bad:
                     reason = f"'{bad[0].name}' is not a tensor"
         nbytes = sum((tensor_bytes(v) for v in crossing), sympy.Integer(0))
-        cuts.append(CutPoint(i, node.name, crossing, named(nbytes, gm), not reason, reason))
+        tied = [k for lo, hi, k in tied_span if lo < i <= hi]
+        cuts.append(CutPoint(i, node.name, crossing, named(nbytes, gm), not reason, reason, tied))
     return cuts
 
 
@@ -335,6 +374,7 @@ def size_source(val: Any, crossing: list[fx.Node]) -> list[tuple[fx.Node, int]] 
 def analyse(gm: fx.GraphModule) -> Analysis:
     """Blocks, chains and cut points of a graph whose nodes carry ``meta['val']``."""
     order = compute_nodes(gm)
-    blocks = find_blocks(gm)
+    rejected: list[tuple[ResidualBlock, str]] = []
+    blocks = find_blocks(gm, rejected)
     return Analysis(order=order, blocks=blocks, chains=find_chains(blocks),
-                    cuts=find_cuts(gm, order, blocks))
+                    cuts=find_cuts(gm, order, blocks), rejected=rejected)

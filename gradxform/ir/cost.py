@@ -176,7 +176,8 @@ def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, int]) -> float:
     """The expression's value at the example sizes (a plain number)."""
     if not getattr(expr, "free_symbols", None):
         return float(expr)
-    out = expr.xreplace(values)
+    # A bare symbol (a position-id add costs T FLOPs) is replaced by the plain int itself.
+    out = sympy.sympify(expr.xreplace(values))
     # Symbols of the shape environment that were never named (rare): fall back to their hints.
     return float(out) if not out.free_symbols else math.nan
 

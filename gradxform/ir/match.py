@@ -88,6 +88,44 @@ def op_kind(node: Any, gm: Any = None) -> str:
     return _KINDS.get(name, name)
 
 
+_RANDOM = frozenset({"bernoulli", "bernoulli_", "rand", "randn", "rand_like", "randn_like", "randint",
+                     "randint_like", "randperm", "normal", "normal_", "uniform_", "multinomial", "rrelu"})
+
+
+def draws_random(node: Any, gm: Any = None) -> bool:
+    """Whether running the node draws random numbers (and a re-run would draw others).
+
+    A dropout that cannot draw is not random: ``nn.Dropout(p=0.0)`` (ViTs keep one per block), or
+    ``F.dropout``/``aten.dropout`` traced from a model in eval mode, where ``train=False`` is baked into
+    the graph. A dropout module with p > 0 is random: the module is put in training mode to train.
+    """
+    if node.op == "call_module":
+        mod = module_of(node, gm)
+        if isinstance(mod, _dropout_modules()):
+            return float(mod.p) > 0.0
+        return type(mod).__name__ in ("RReLU",)
+    name = raw_name(node, gm)
+    if name in _RANDOM:
+        return True
+    if _KINDS.get(name) != "dropout":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else ["input", "p", "training", "inplace"]
+    given = dict(zip(names, node.args))
+    given.update(node.kwargs)
+    p = given.get("p", 0.5)
+    train = given.get("train", given.get("training", True))
+    if not isinstance(p, (int, float)) or not isinstance(train, bool):
+        return True  # decided at run time: assume it draws
+    return train and float(p) > 0.0
+
+
+def _dropout_modules() -> tuple:
+    import torch.nn as nn
+
+    return (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 def module_of(node: Any, gm: Any = None) -> Any | None:
     """The ``nn.Module`` a ``call_module`` node calls, else None."""
     if node.op == "call_module" and gm is not None:

@@ -21,13 +21,25 @@ class StagedModule(torch.nn.Module):
     The first stage takes the model's own inputs; the last returns the model's own output structure.
     For a ``torch.export`` graph, whose stages take flat inputs, ``in_spec``/``out_spec`` flatten the
     call's (args, kwargs) and rebuild the output (a dict, a dataclass, ...).
+
+    ``tied``: the groups of parameters that are one parameter of the original model but live in
+    several stages (GPT-2's ``wte`` and ``lm_head``, a layer called in two stages), as pipeline systems
+    do it: each stage holds its own copy. Each group lists ``(stage index, name)`` with ``name`` as
+    ``stages[j].named_parameters()`` yields it, one entry per stage, in stage order, at least two
+    entries. Contract for whoever trains the stages: the copies start equal (the split model computes
+    what the original does); to train as the original would, sum the copies' gradients over the group
+    (in one process, or with an all-reduce between the ranks holding those stages) before each
+    optimizer step and give every copy the same update, so they stay equal. A stage's optimizer
+    that steps its copy alone lets the copies drift apart.
     """
 
-    def __init__(self, stages: list[fx.GraphModule], in_spec: Any = None, out_spec: Any = None):
+    def __init__(self, stages: list[fx.GraphModule], in_spec: Any = None, out_spec: Any = None,
+                 tied: list[list[tuple[int, str]]] | None = None):
         super().__init__()
         self.stages = torch.nn.ModuleList(stages)
         self.in_spec = in_spec
         self.out_spec = out_spec
+        self.tied: list[list[tuple[int, str]]] = [list(g) for g in tied or []]
 
     def first_inputs(self, args: tuple, kwargs: dict) -> tuple:
         """The model's own (args, kwargs) bound to the first stage's placeholders, as a flat tuple."""
@@ -58,6 +70,15 @@ class StagedModule(torch.nn.Module):
         """The inverse of every stage made only of reversible couplings (``stage.inverse``, set by
         ``split``), by stage index: what the petra schedule rebuilds activations with."""
         return {j: stage.inverse for j, stage in enumerate(self.stages) if getattr(stage, "inverse", None)}
+
+
+def stages_of(module: Any) -> list[fx.GraphModule] | None:
+    """The stages of a :class:`StagedModule`, or None for anything else.
+
+    Decided by type: a model may well have a submodule of its own called ``stages`` (timm's
+    ConvNeXt does), and an fx GraphModule of it keeps that submodule.
+    """
+    return list(module.stages) if isinstance(module, StagedModule) else None
 
 
 def stage_inverse(stage: fx.GraphModule) -> Any:

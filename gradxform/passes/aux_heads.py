@@ -60,11 +60,12 @@ class AuxHeads(Pass):
 
         from ..ir.match import op_kind
         from ..nn.heads import AuxHead, build_head, head_flops
+        from ..nn.staged import StagedModule
         from ..state import frozen_buffers
 
         opts = self.options
         notes: list[str] = []
-        staged = getattr(gm, "stages", None) is not None
+        staged = isinstance(gm, StagedModule)
         if opts.at == "blocks":
             if staged:
                 raise PipelineError("aux-heads{at=blocks} splits the model itself; it cannot follow 'split'",

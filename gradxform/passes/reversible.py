@@ -206,7 +206,7 @@ def extract_block(gm: Any, block: Any) -> _Extracted:
     import torch
 
     from ..ir.analysis import size_source
-    from ..ir.match import op_kind
+    from ..ir.match import draws_random
 
     inside = set(block.nodes)
     skip_end = block.skip[-1] if block.skip else block.entry
@@ -231,8 +231,7 @@ def extract_block(gm: Any, block: Any) -> _Extracted:
             if source is None:
                 raise _Skip(f"it reads '{a.name}', which is neither a tensor nor a size of its input")
             sizes[a] = source
-    random = any(op_kind(n, gm) in ("dropout",) or getattr(n.target, "__name__", "") in
-                 ("bernoulli", "rand", "randn", "rand_like", "randn_like", "native_dropout") for n in block.nodes)
+    random = any(draws_random(n, gm) for n in block.nodes)
     clone = any(_mutates(n, gm) and n.args and n.args[0] is block.entry for n in block.body)
     return _Extracted(block, main, sides, sizes, random, clone)
 

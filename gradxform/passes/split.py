@@ -29,10 +29,11 @@ class Split(Pass):
     """Cut the model into pipeline stages, optimally balanced over the valid cut points.
 
     Valid cuts lie between residual blocks (never inside one), carry only tensors, and never separate
-    the users of one parameter (tied weights stay together). Among them the partition minimising the
-    most expensive stage is chosen exactly (dynamic programming, not greedy); ties go to the fewest
-    bytes crossing stage boundaries. Values used by a later stage are carried through the stages in
-    between; sizes are re-read from the received tensors instead of being sent.
+    the users of one buffer. A parameter used on both sides of a cut (tied embeddings) is copied into
+    each stage that uses it, the groups recorded in ``StagedModule.tied``. Among the valid cuts the
+    partition minimising the most expensive stage is chosen exactly (dynamic programming, not greedy);
+    ties go to the fewest bytes crossing stage boundaries. Values used by a later stage are carried
+    through the stages in between; sizes are re-read from the received tensors instead of being sent.
     """
 
     name = "split"
@@ -48,8 +49,9 @@ class Split(Pass):
         from ..ir.analysis import analyse
         from ..ir.cost import evaluate, hints, node_costs
         from ..ir.partition import partition, stage_costs
+        from ..nn.staged import StagedModule
 
-        if getattr(gm, "stages", None) is not None:
+        if isinstance(gm, StagedModule):
             raise PipelineError("the model is already split", hint="use one 'split' per pipeline")
         opts = self.options
         if unfold_chains(gm):
@@ -75,11 +77,11 @@ class Split(Pass):
                 cuts = partition(weights, [c.index for c in valid], opts.stages, cross)
             except ValueError:
                 useful = _useful_cuts(weights, [c.index for c in valid])
-                blocked = [c.reason for c in an.cuts if not c.valid and "shared" in c.reason]
+                blocked = [c.reason for c in an.cuts if not c.valid and c.reason.startswith("buffer")]
                 raise PipelineError(
                     f"cannot cut into {opts.stages} stages: the model has only {useful} valid cut "
                     f"points between layers that do work, enough for {useful + 1} stages",
-                    hint=(f"{blocked[0]}; untie it or use fewer stages" if blocked
+                    hint=(f"{blocked[0]}; use fewer stages" if blocked
                           else "use fewer stages, or run 'gradxform inspect' to see the cut points")) from None
         staged = build_stages(gm, an, cuts)
         share = stage_costs(weights, cuts)
@@ -101,10 +103,15 @@ class Split(Pass):
                 "params": sum(p.numel() for p in sgm.parameters()),
                 "balance_share": share[s] / whole,
             })
+        for group in staged.tied:
+            where = ", ".join(f"stage {j} '{name}'" for j, name in group)
+            notes.append(f"tied parameter copied per stage: {where}; sum their gradients before each update "
+                         f"(StagedModule.tied)")
         balance = "flops" if at else opts.balance
         notes.append(f"balanced on {balance}: stage shares " + ", ".join(f"{x / whole:.0%}" for x in share))
         return PassResult(staged, True, notes, {"cuts": [by_index[c].after for c in cuts],
-                                                 "balance": balance, "stages": stages_info})
+                                                 "balance": balance, "stages": stages_info,
+                                                 "tied": staged.tied})
 
     @staticmethod
     def _weights(gm: Any, order: list, costs: dict, values: dict, balance: str, ctx: Any) -> list[float]:
@@ -274,7 +281,63 @@ def build_stages(gm: Any, an: Any, cuts: list[int]) -> Any:
         if inverse is not None:  # a stage made only of reversible couplings
             stage.inverse = inverse
         stages.append(stage)
-    return StagedModule(stages, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None))
+    tied = untie(stages, gm)
+    return StagedModule(stages, getattr(gm, "_in_spec", None), getattr(gm, "_out_spec", None), tied)
+
+
+def untie(stages: list, gm: Any) -> list[list[tuple[int, str]]]:
+    """Give every stage but the first that uses a shared parameter its own copy; returns the groups.
+
+    A stage's GraphModule refers to the model's own layers and parameters (``fx.GraphModule`` copies
+    references), so a parameter reached from two stages is one object. Each later stage gets a clone,
+    installed along a path of its own: layers on the way that are the model's own objects are copied
+    (shallowly) first, so that the model passed in keeps its parameters tied.
+    """
+    import torch
+
+    owners: dict[int, list[int]] = {}
+    for j, stage in enumerate(stages):
+        for p in {id(p) for p in stage.parameters()}:
+            owners.setdefault(p, []).append(j)
+    shared = {p for p, js in owners.items() if len(js) > 1}
+    if not shared:
+        return []
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for j, stage in enumerate(stages):
+        paths = [(name, p) for name, p in stage.named_parameters(remove_duplicate=False) if id(p) in shared]
+        copies: dict[int, torch.nn.Parameter] = {}
+        for name, p in paths:
+            first = owners[id(p)][0] == j
+            if not first:
+                if id(p) not in copies:
+                    copies[id(p)] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                _set_own(stage, name, copies[id(p)], gm)
+            groups.setdefault(id(p), [])
+        names = {id(p): name for name, p in stage.named_parameters()}
+        for original, p in [(id(p), p) for _, p in paths]:
+            mine = copies.get(original, p)
+            entry = (j, names[id(mine)])
+            if entry not in groups[original]:
+                groups[original].append(entry)
+    return [groups[p] for p in sorted(groups, key=lambda p: groups[p][0])]
+
+
+def _set_own(stage: Any, path: str, value: Any, gm: Any) -> None:
+    """Set the parameter at ``path`` of ``stage`` without touching any module outside the stage."""
+    import copy
+
+    *prefix, leaf = path.split(".")
+    parent, original = stage, gm
+    for part in prefix:
+        child = getattr(parent, part)
+        theirs = getattr(original, part, None) if original is not None else None
+        if child is theirs:  # the model's own layer (fx.GraphModule made the containers above it anew)
+            child = copy.copy(child)  # shares tensors, not the tables naming them
+            child._parameters, child._buffers, child._modules = (dict(child._parameters), dict(child._buffers),
+                                                                 dict(child._modules))
+            setattr(parent, part, child)
+        parent, original = child, theirs
+    setattr(parent, leaf, value)
 
 
 def _carried(node: Any) -> bool:

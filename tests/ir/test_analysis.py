@@ -85,7 +85,7 @@ def test_projection_skip_with_pooling():
     assert not block.invertible and [n.target for n in block.skip] == ["pool", "proj"]
 
 
-def test_shared_module_blocks_cuts_between_its_uses():
+def test_a_layer_used_twice_allows_cuts_that_record_its_parameters_as_tied():
     class Tied(nn.Module):
         def __init__(self):
             super().__init__()
@@ -96,5 +96,66 @@ def test_shared_module_blocks_cuts_between_its_uses():
 
     gm, _, _, _ = prepare(LoadedModel(Tied(), (torch.randn(2, 4),)))
     an = analyse(gm)
+    assert [c.after for c in an.valid_cuts] == ["shared", "mid"]
+    assert all(c.tied == ["shared.weight", "shared.bias"] for c in an.valid_cuts)
+
+
+def test_a_buffer_used_on_both_sides_forbids_the_cut():
+    class SharedNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.mid = nn.BatchNorm1d(4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.norm(self.mid(self.norm(x)))
+
+    gm, _, _, _ = prepare(LoadedModel(SharedNorm(), (torch.randn(3, 4),)))
+    an = analyse(gm)
     assert not an.valid_cuts
-    assert all("shared.weight" in c.reason and "shared or tied" in c.reason for c in an.cuts)
+    assert all(c.reason == "buffer 'norm.running_mean' is used on both sides (a copy per stage would drift apart)"
+               for c in an.cuts)
+
+
+class TanhGeluMLP(nn.Module):
+    """x + mlp(ln(x)) with GPT-2's tanh GELU, whose x + 0.044715 x^3 forks from one value too."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.ln, self.fc, self.proj = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.fc(self.ln(x))
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return x + self.proj(h)
+
+
+def test_a_residual_match_nested_in_a_block_is_dropped():
+    gm, _, _, _ = prepare(LoadedModel(nn.Sequential(TanhGeluMLP(), TanhGeluMLP()), (torch.randn(2, 8),)))
+    an = analyse(gm)
+    assert [b.id for b in an.blocks] == ["0", "1"]
+    assert len(an.chains) == 1 and len(an.chains[0]) == 2
+    assert [b.add.name for b, _ in an.rejected] == ["add", "add_3"]
+    assert all(why.startswith("nested inside the block ending at add_") for _, why in an.rejected)
+    outer = {n.name for b in an.blocks for n in b.nodes}
+    assert {"add", "add_3"} <= outer
+
+
+class Overlap(nn.Module):
+    """y1 = a + h(g(a)); y2 = g(a) + m(y1): the second match contains part of the first."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.g, self.h, self.m = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, a):
+        b = self.g(a)
+        y1 = a + self.h(b)
+        return b + self.m(y1)
+
+
+def test_overlapping_residual_matches_are_both_rejected():
+    gm, _, _, _ = prepare(LoadedModel(Overlap(), (torch.randn(2, 8),)))
+    an = analyse(gm)
+    assert an.blocks == [] and an.chains == []
+    assert sorted(why.split(" at ")[0] for _, why in an.rejected) == ["overlaps the block ending", ] * 2
+    assert all(not b.invertible for b, _ in an.rejected)

@@ -59,3 +59,30 @@ def test_every_node_has_metadata():
         gm, _, _, _ = prepare(example(target))
         missing = [n.name for n in gm.graph.nodes if n.op != "output" and "val" not in n.meta]
         assert not missing, (target, missing)
+
+
+def test_a_cost_of_one_bare_symbol_evaluates():
+    # a position-id add costs T FLOPs: xreplace turns the bare symbol into a plain int
+    assert evaluate(T, {B: 2, T: 16}) == 16.0
+    assert evaluate(2 * B * T, {B: 2, T: 16}) == 64.0
+    assert evaluate(sympy.Integer(7), {}) == 7.0
+
+
+def test_position_ids_add_costs_T_and_splits():
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos = nn.Embedding(10, 8), nn.Embedding(16, 8)
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 10)
+
+        def forward(self, ids):
+            positions = torch.arange(ids.shape[1]) + 0  # T FLOPs, a bare symbol
+            return self.b(torch.relu(self.a(self.tok(ids) + self.pos(positions))))
+
+    import gradxform
+
+    ids = torch.randint(0, 10, (2, 5))
+    staged = gradxform.compile(Positions(), "split{stages=2}", example_inputs=(ids,), tracer="export")
+    assert len(staged.stages) == 2
+    gm, _, _, _ = prepare(LoadedModel(Positions(), (ids,)), "export")
+    assert T in {c.flops for c in node_costs(gm).values()}

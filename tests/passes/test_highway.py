@@ -20,7 +20,7 @@ DIGITS = ["x:[16,1,8,8]"]
 def test_golden_resnet34_segments_between_projection_blocks():
     result = compile_loaded(example("resnet.py:digits_resnet34", input_shapes=DIGITS), "highway")
     code = result.module.code
-    FileCheck().check("maxpool = self.maxpool(").check("highway0 = self.highway0(maxpool)").check(
+    FileCheck().check("relu = self.relu(bn1)").check_not("maxpool").check("highway0 = self.highway0(relu)").check(
         "downsample").check("add").check("highway1 = self.highway1(").check("downsample").check(
         "highway2 = self.highway2(").check("highway3 = self.highway3(").check("self.fc(").run(code)
     segments = [m for m in result.module.modules() if isinstance(m, HighwaySegment)]
@@ -192,3 +192,29 @@ def test_layers_it_cannot_convert_are_reported():
     assert type(result.gru) is torch.nn.GRU
     with pytest.raises(PipelineError, match="min_layers must be at least 1"):
         compile_loaded(example("mlp.py"), "highway{min_layers=0}")
+
+
+class _DropBlock(torch.nn.Module):
+    def __init__(self, p):
+        super().__init__()
+        self.ln, self.fc, self.drop = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.Dropout(p)
+
+    def forward(self, x):
+        return x + self.drop(self.fc(self.ln(x)))
+
+
+@pytest.mark.parametrize("p, converted", [(0.0, True), (0.1, False)])
+def test_dropout_that_cannot_draw_does_not_stop_highway(p, converted):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(_DropBlock(p) for _ in range(3))).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    out = gradxform.compile(model, "highway{iterations=1}", example_inputs=(x,))
+    segments = [m for m in out.modules() if isinstance(m, HighwaySegment)]
+    assert len(segments) == int(converted)
+    notes = out.gx_report["passes"][0]["notes"]
+    if converted:
+        assert len(segments[0].blocks) == 3
+        torch.testing.assert_close(out(x), model(x), rtol=0, atol=1e-12)
+    else:
+        assert "block 0 not converted: it draws random numbers (dropout); the backward's re-run would draw others" \
+            in notes

@@ -214,3 +214,110 @@ def test_adaptive_rank_refuses_stashing_schedules():
 
     with pytest.raises(GradxformError, match="--rank-every cannot be used with --schedule stash"):
         TrainConfig(schedule="stash", rank_every=5).validate()
+
+
+class Conv1D(nn.Module):
+    """HuggingFace GPT-2's Conv1D: a Linear whose weight is stored in x out, run as addmm(b, x, W)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class ConvOneDMLP(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.c_fc, self.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+    def forward(self, x):
+        return self.c_proj(torch.relu(self.c_fc(x)))
+
+
+def test_exported_addmm_of_a_conv1d_becomes_a_factored_call():
+    torch.manual_seed(0)
+    model = ConvOneDMLP().double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    result = compile_loaded(LoadedModel(model, (x,)), "lowrank{rank=0.25,keep=none}", tracer="export", check=False)
+    gm = result.module
+    # Before: view -> addmm(c_fc.bias, view, c_fc.weight) -> view -> relu -> view -> addmm(...) -> view
+    # Expected: view -> lowrank0(view) -> view -> relu -> view -> lowrank1(view) -> view
+    FileCheck().check("aten.view").check("self.lowrank0(view").check("aten.view").check("aten.relu") \
+        .check("aten.view").check("self.lowrank1(view").check("aten.view").check_not("addmm").run(gm.code)
+    assert not any(n.op == "get_attr" for n in gm.graph.nodes)  # the dense weights and biases are gone
+    assert [r["rank"] for r in result.report["passes"][0]["info"]["layers"]] == [4, 4]
+    # the factors approximate W^T (out x in): the best rank-4 approximation of the stored weight
+    w = model.c_fc.weight.detach()
+    low = gm.lowrank0
+    u, s, vh = torch.linalg.svd(w.T)
+    torch.testing.assert_close(low.b.weight @ low.a.weight, (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(low.b.bias, model.c_fc.bias, rtol=0, atol=0)
+    full = compile_loaded(LoadedModel(model, (x,)), "lowrank{rank=1.0,force=true,keep=none}", tracer="export",
+                          check=False).module
+    torch.testing.assert_close(full(x), model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_multihead_attention_left_whole_is_noted():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    x = torch.randn(2, 5, 16)
+    notes = compile_loaded(LoadedModel(Net(), (x,)), "lowrank{keep=none}", tracer="fx", check=False) \
+        .report["passes"][0]["notes"]
+    assert notes[0].startswith("mha not factored: nn.MultiheadAttention runs its projections inside one layer")
+    exported = compile_loaded(LoadedModel(Net(), (x,)), "lowrank{keep=none}", tracer="export", check=False)
+    assert len(exported.report["passes"][0]["info"]["layers"]) == 2  # in_proj and out_proj
+
+
+@pytest.mark.parametrize("shape", [(30, 40), (40, 30), (12, 8 * 3 * 3)])
+def test_one_gram_eigendecomposition_gives_the_svd_truncation(shape):
+    from gradxform.nn.lowrank import Spectrum
+
+    torch.manual_seed(0)
+    w = torch.randn(*shape, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    spectrum = Spectrum(w)
+    torch.testing.assert_close(spectrum.s, s, rtol=1e-10, atol=1e-12)
+    for r in (1, 5, min(shape)):
+        a, b = spectrum.factors(r)
+        torch.testing.assert_close(b @ a, (u[:, :r] * s[:r]) @ vh[:r], rtol=1e-9, atol=1e-11)
+        assert spectrum.discarded(r) == pytest.approx(float(s[r:].pow(2).sum().sqrt()), rel=1e-9, abs=1e-10)
+        uu, ss, vv = spectrum.usv(r)
+        torch.testing.assert_close(uu.T @ uu, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-10)
+        torch.testing.assert_close(vv.T @ vv, torch.eye(r, dtype=torch.float64), rtol=0, atol=1e-10)
+        torch.testing.assert_close(uu @ ss @ vv.T, b @ a, rtol=1e-9, atol=1e-11)
+
+
+def test_a_zero_weight_factors_without_dividing_by_zero():
+    from gradxform.nn.lowrank import Spectrum
+
+    w = torch.zeros(6, 4, dtype=torch.float64)
+    w[0, 0] = 2.0  # rank one: the other singular values are zero
+    a, b = Spectrum(w).factors(4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    torch.testing.assert_close(b @ a, w, rtol=0, atol=1e-12)
+    a, b = Spectrum(torch.zeros(3, 5)).factors(2)
+    assert torch.equal(b @ a, torch.zeros(3, 5))
+
+
+def test_float32_weights_factor_within_float32_rounding_of_the_optimum():
+    from gradxform.nn.lowrank import Spectrum
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 200) / 14
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    r = 24
+    a, b = Spectrum(w).factors(r)
+    assert a.dtype == torch.float32
+    best = float(s[r:].pow(2).sum().sqrt())
+    got = float(torch.linalg.matrix_norm(w.double() - b.double() @ a.double()))
+    assert best <= got < best * (1 + 1e-5)

@@ -22,7 +22,7 @@ def test_golden_resnet18():
     module = compile_loaded(example("resnet.py"), "reversible").module
     code = module.code
     # layer1's two blocks become one chain fed by the stem; layer2.0 (projection skip) stays as it was
-    FileCheck().check("maxpool = self.maxpool(").check("rev0 = self.rev0(maxpool)").check(
+    FileCheck().check("relu = self.relu(bn1)").check_not("maxpool").check("rev0 = self.rev0(relu)").check(
         "stored0 = self.stored0(rev0)").check("rev1 = self.rev1(stored0)").check("self.stored1(rev1)").check(
         "self.rev2(").check("self.stored2(").check("self.rev3(").check("self.fc(").run(code)
     assert "self.layer" not in code  # every residual block is now a chain or a stored-input block
@@ -199,3 +199,19 @@ def test_digits_reversible_resnet_matches_ordinary():
     acc_rev = train_digits(reversible)
     assert acc_plain > 0.95
     assert acc_rev >= acc_plain - 0.02, (acc_rev, acc_plain)
+
+
+def test_tanh_gelu_inside_an_mlp_block_converts_the_outer_block():
+    import gradxform
+
+    from ..ir.test_analysis import TanhGeluMLP
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(TanhGeluMLP(), TanhGeluMLP(), TanhGeluMLP()).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    out = gradxform.compile(model, "reversible", example_inputs=(x,))
+    chains = [m for m in out.modules() if isinstance(m, ReversibleChain)]
+    assert len(chains) == 1 and len(chains[0].blocks) == 3
+    # each coupling's residual function is the whole MLP, GELU included
+    for block, layer in zip(chains[0].blocks, model):
+        torch.testing.assert_close(block(x), layer(x) - x, rtol=0, atol=1e-12)

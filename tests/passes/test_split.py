@@ -137,7 +137,7 @@ def test_more_stages_than_cuts():
         compile_loaded(loaded, "split{stages=9}", check=False)
 
 
-def test_tied_weights_refused_with_clear_message():
+def test_tied_weights_are_copied_into_each_stage_and_recorded():
     import importlib.util
 
     from ..conftest import EXAMPLES as root
@@ -145,11 +145,48 @@ def test_tied_weights_refused_with_clear_message():
     spec = importlib.util.spec_from_file_location("lm_example", root / "lm.py")
     lm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lm)
-    model = lm.DecoderLM(lm.LMConfig(tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = lm.DecoderLM(lm.LMConfig(tie_word_embeddings=True)).double()
     args, kwargs = lm.example_inputs(model)
-    with pytest.raises(PipelineError) as e:
-        compile_loaded(LoadedModel(model, args, kwargs), "split{stages=2}", check=False)
-    assert "shared or tied parameter" in str(e.value) and "wte.weight" in str(e.value)
+    result = compile_loaded(LoadedModel(model, args, kwargs), "split{stages=2}", check=False)
+    staged = result.module
+    assert len(staged.tied) == 1
+    (first, first_name), (last, last_name) = staged.tied[0]
+    assert (first, last) == (0, 1)
+    one, other = (dict(staged.stages[j].named_parameters())[n] for j, n in staged.tied[0])
+    assert one is not other and torch.equal(one, other)  # each stage its own copy, equal at the start
+    assert model.lm_head.weight is model.wte.weight     # the model passed in stays tied
+    notes = result.report["passes"][0]["notes"]
+    assert f"tied parameter copied per stage: stage 0 '{first_name}', stage 1 '{last_name}'; sum their " \
+           "gradients before each update (StagedModule.tied)" in notes
+    want = model(*args, **kwargs)["logits"]
+    torch.testing.assert_close(staged(*args, **kwargs)["logits"], want, rtol=1e-8, atol=1e-10)
+
+
+def test_tied_layers_of_an_fx_graph_get_their_own_copies():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.mid = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+            self.head = nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.mid(self.emb(ids)))
+
+    torch.manual_seed(0)
+    model, ids = Tied().double(), torch.randint(0, 10, (4, 5))
+    staged = compile_loaded(LoadedModel(model, (ids,)), "split{stages=3}", tracer="fx").module
+    assert staged.tied == [[(0, "emb.weight"), (2, "head.weight")]]
+    assert staged.stages[2].head is not model.head and staged.stages[2].head.weight is not model.emb.weight
+    assert model.head.weight is model.emb.weight and staged.stages[0].emb.weight is model.emb.weight
+    torch.testing.assert_close(staged(ids), model(ids), rtol=0, atol=0)
+    # the copy is a parameter of its own: a gradient reaches both, and their sum is the original's
+    (want,) = torch.autograd.grad(model(ids).square().sum(), [model.emb.weight])
+    copies = [staged.stages[0].emb.weight, staged.stages[2].head.weight]
+    got = torch.autograd.grad(staged(ids).square().sum(), copies)
+    torch.testing.assert_close(got[0] + got[1], want, rtol=1e-12, atol=1e-12)
 
 
 def test_split_twice_is_refused():
