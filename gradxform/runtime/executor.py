@@ -142,6 +142,7 @@ class StageExecutor:
         self.kept: dict[int, Kept] = {}
         self.pending = 0  # backwards accumulated since the last update
         self.stats = StageStats()
+        self.before_update: list[Callable[[], None]] = []  # e.g. summing tied copies' gradients
         self.after_update: list[Callable[[], bool]] = []  # e.g. adaptive rank; True: parameters changed
         self.refresh()
 
@@ -181,6 +182,8 @@ class StageExecutor:
                 self.pending = backwards
             if not self.pending:
                 return
+            for hook in self.before_update:
+                hook()
             grads = [p.grad for p in self.params if p.grad is not None]
             if self.pending > 1:
                 torch._foreach_div_(grads, self.pending)

@@ -27,6 +27,7 @@ from .engine import InProcess, Transport, evaluate, run_schedule
 from .executor import StageExecutor
 from .losses import classification_loss
 from .schedules import Schedule, make_schedule
+from .tied import TiedCopies
 
 
 @dataclass
@@ -168,6 +169,8 @@ class Trainer:
             j: StageExecutor(j, self.n, staged.stages[j], self.schedule, make_optimizer(staged.stages[j], cfg),
                              classification_loss, inverses.get(j))
             for j in self.transport.stages}
+        self.tied = TiedCopies(staged, self.executors, distributed=len(self.transport.stages) < self.n)
+        self.tied.check(self.schedule)
         self.adaptive: dict[int, AdaptiveRank] = {}
         if cfg.rank_every:
             if not any(AdaptiveRank(stage, None, 1).layers() for stage in staged.stages):

@@ -16,6 +16,7 @@ class Backprop(Schedule):
     summary = "ordinary backpropagation, one micro-batch at a time (the reference)"
     Options = AccumulateOptions
     family = "synchronous"
+    steps_together = True
 
     def ticks(self, stages: int, micro_batches: int) -> TickTable:
         return sequential(self.name, stages, micro_batches, self.options.accumulate)

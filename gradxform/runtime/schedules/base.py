@@ -143,6 +143,7 @@ class Schedule:
     family: ClassVar[str] = ""                 # asynchronous | synchronous | local: for listings and docs
     layout: ClassVar[Layout] = Layout()
     keeps_weight_copies: ClassVar[bool] = False  # stashed/snapshot weights: layers must not change shape
+    steps_together: ClassVar[bool] = False  # every stage takes its optimizer step at the same step
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

@@ -123,6 +123,7 @@ class ForwardGrad(Schedule):
     summary = "forward gradients: tangents pushed by JVPs, projected per stage; no gradient sent back"
     Options = ForwardGradOptions
     family = "local"
+    steps_together = True
     layout = Layout(forward=("activations", "tangents"), backward=("derivatives",))
 
     def ticks(self, stages: int, micro_batches: int) -> TickTable:

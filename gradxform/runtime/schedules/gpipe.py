@@ -20,6 +20,7 @@ class GPipe(Schedule):
     summary = "synchronous pipeline: all forwards, all backwards, one update per M micro-batches"
     Options = StepOptions
     family = "synchronous"
+    steps_together = True
 
     def ticks(self, stages: int, micro_batches: int) -> TickTable:
         return gpipe(self.name, stages, micro_batches)

@@ -21,6 +21,7 @@ class OneFOneB(Schedule):
     summary = "synchronous pipeline: warm-up forwards, then one forward one backward; one update per step"
     Options = StepOptions
     family = "synchronous"
+    steps_together = True
 
     def ticks(self, stages: int, micro_batches: int) -> TickTable:
         return one_f_one_b(self.name, stages, micro_batches)
