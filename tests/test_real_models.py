@@ -190,3 +190,12 @@ def test_timm_convnext_stages_are_its_own_not_a_staged_model():
     # ConvNeXt's shortcut is an nn.Identity: every block is an identity-skip block; the downsampling
     # layers between the stages end the chains (depths 1, 1, 2, 1)
     assert sorted(len(c.blocks) for c in chains) == [1, 1, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_model_returning_a_kv_cache_gets_a_hint():
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=32, use_cache=True)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(gradxform.GradxformError) as e:
+        gradxform.compile(model, "split{stages=2}", example_kwargs=_ids())
+    assert "use_cache=False" in e.value.hint

@@ -131,6 +131,11 @@ def trace(model: torch.nn.Module, args: tuple, kwargs: dict | None = None, trace
         return Traced(trace_export(model, args, kwargs, notes), "export", notes)
     except Exception as e:
         failures.append(f"torch.export failed: {_describe(e, source)}")
+    if "Cache" in "\n".join(failures) and getattr(getattr(model, "config", None), "use_cache", False):
+        # HuggingFace models return a key/value cache object by default, which torch.export cannot carry
+        raise TraceError("could not trace the model: it returns a key/value cache object:\n  " + "\n  ".join(failures),
+                         hint="build it with use_cache=False (e.g. GPT2Config(..., use_cache=False)), or set "
+                              "model.config.use_cache = False before compiling")
     raise TraceError("could not trace the model:\n  " + "\n  ".join(failures),
                      hint="make control flow independent of tensor values (torch.cond for data-dependent "
                           "branches), check that the example inputs match forward(), or make the failing "
