@@ -43,8 +43,8 @@ class F3(Pass):
     the classifier) trains on the true loss gradient. A connector's fixed feedback matrix B is
     C x n, with n the values per sample of the activation it sits on ((N, C, H, W), (N, T, D) or
     (N, D)), stored as a buffer. A block position with no trainable layer before the next connector
-    gets no connector (it would train nothing), and neither does one where another activation that
-    depends on parameters crosses too (its gradient would go around the connector).
+    gets no connector (it would train nothing), and neither does one where another value crossing there
+    carries gradient to the same parameters (backprop would go around the connector).
 
     Connectors are the identity until the training loop hands them error rows, so the model's forward
     and outputs are unchanged (the PassManager checks it) and backprop still trains it as it was.
@@ -145,6 +145,12 @@ def _prediction(last: Any) -> Any:
     import torch.fx as fx
 
     out = next(n for n in last.graph.nodes if n.op == "output").args[0]
+    spec = getattr(last, "_out_spec", None)
+    if spec is not None and isinstance(out, (tuple, list)):
+        # an exported graph returns its outputs flat; the spec says whether they were one tensor
+        import torch.utils._pytree as pytree
+
+        out = pytree.tree_unflatten(list(out), spec)
     val = out.meta.get("val") if isinstance(out, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         kind = type(out).__name__ if not isinstance(out, fx.Node) else "a non-tensor value"
@@ -152,27 +158,37 @@ def _prediction(last: Any) -> Any:
                              hint="return the prediction tensor itself (F3's error buffer holds C values per "
                                   "sample of it)")
     if val.dim() != 2 or not val.is_floating_point():
-        dims = ", ".join("N" if i == 0 else str(s) for i, s in enumerate(val.shape))
+        from ..ir.meta import concrete
+
+        dims = ", ".join("N" if i == 0 else str(concrete(s)) for i, s in enumerate(val.shape))
         raise GradxformError(f"F3 needs the model's output to be (N, C), one row of C values per sample; it is "
-                             f"({dims}) {str(val.dtype).replace('torch.', '')}",
+                             f"({dims}) {str(val.dtype).replace('torch.', '')} at the example inputs",
                              hint="pool or flatten the prediction to (N, C) (per-token outputs are not "
                                   "supported; a regression model returns (N, 1))")
     return out
 
 
-def _trainable(g: Any) -> tuple[set, Any]:
-    """Nodes that read a trainable parameter themselves, and a test for 'depends on one'."""
+def _reads_params(g: Any) -> set:
+    """Nodes that read a trainable parameter themselves (a layer, or an op on a parameter)."""
     reads = set()
     for n in g.graph.nodes:
         if n.op == "call_module" and any(p.requires_grad for p in g.get_submodule(n.target).parameters()):
             reads.add(n)
         elif n.op != "get_attr" and any(p.op == "get_attr" and _is_param(g, p) for p in n.all_input_nodes):
             reads.add(n)
-    depends: set = set()
+    return reads
+
+
+def _upstream(g: Any, reads: set, barriers: set) -> dict:
+    """For every node, the parameter-reading nodes its gradient reaches (a bitset), stopping at connectors."""
+    bit = {n: 1 << i for i, n in enumerate(reads)}
+    up: dict = {}
     for n in g.graph.nodes:
-        if n in reads or any(p in depends for p in n.all_input_nodes):
-            depends.add(n)
-    return reads, depends
+        mask = bit.get(n, 0)
+        for p in n.all_input_nodes:
+            mask |= up[p]
+        up[n] = 0 if n in barriers else mask
+    return up
 
 
 def _is_param(g: Any, node: Any) -> bool:
@@ -242,7 +258,7 @@ def _plan(g: Any, j: int, last: bool, at: str, staged: bool, notes: list[str]) -
 
     an = analyse(g)
     pos = {n: i for i, n in enumerate(an.order)}
-    reads, depends = _trainable(g)
+    reads = _reads_params(g)
     prefix = f"stage {j}: " if staged else ""
     cands: list[tuple[Any, str, bool]] = []
     if at == "blocks":
@@ -261,23 +277,26 @@ def _plan(g: Any, j: int, last: bool, at: str, staged: bool, notes: list[str]) -
         val = node.meta.get("val")
         stop = pos[cands[i + 1][0]] if i + 1 < len(cands) else len(an.order) - 1
         if node is not boundary and not any(pos[n] > pos[node] and pos[n] <= stop for n in reads):
-            following = "the next connector" if i + 1 < len(cands) else "the output"
-            notes.append(f"{prefix}no connector after {where}: no trainable layer between it and {following}")
+            if i + 1 < len(cands) or not last:   # else: the model's last block, which has none by design
+                notes.append(f"{prefix}no connector after {where}: no trainable layer between it and the next "
+                             f"connector")
             continue
         if not isinstance(val, torch.Tensor) or any(isinstance(s, torch.SymInt) and not _fixed(s)
                                                     for s in val.shape[1:]):
             notes.append(f"{prefix}no connector after {where}: its size per sample is not fixed (B needs a fixed "
                          f"width)")
             continue
-        around = [v.name for v in _crossing(an, pos, node, out_node) if v is not node and v in depends
-                  and isinstance(v.meta.get("val"), torch.Tensor) and v.meta["val"].is_floating_point()]
+        # a value crossing beside the block output whose gradient reaches the same parameters would
+        # carry backprop around the connector (values behind an earlier connector carry nothing back)
+        up = _upstream(g, reads, {p[2] for p in plans})
+        around = [v.name for v in _crossing(an, pos, node, out_node) if v is not node and up[v] & up[node]]
         if around and node is not boundary:
-            notes.append(f"{prefix}no connector after {where}: '{around[0]}' also depends on parameters and "
-                         f"crosses there; its gradient would go around the connector")
+            notes.append(f"{prefix}no connector after {where}: '{around[0]}' crosses there too and its gradient "
+                         f"reaches the same parameters, around the connector")
             continue
         if around:
-            notes.append(f"{prefix}stage output(s) {', '.join(around)} also depend on parameters and carry no "
-                         f"feedback: a pipeline stage does not receive their gradient")
+            notes.append(f"{prefix}stage output(s) {', '.join(around)} also carry gradient to the parameters before "
+                         f"the connector: a pipeline stage never receives it")
         plans.append((j, g, node, where, only_output))
     return plans
 
