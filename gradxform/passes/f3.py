@@ -71,7 +71,7 @@ class F3(Pass):
         if opts.at == "stages" and len(graphs) < 2:
             raise GradxformError("f3{at=stages} needs a model split into two stages or more",
                                  hint="put 'split{stages=K}' before it, or use f3{at=blocks}")
-        pred = _prediction(graphs[-1])
+        pred = _prediction(graphs[-1], gm.out_spec if staged else getattr(gm, "_out_spec", None))
         classes = concrete(pred.meta["val"].shape[1])
         loss = opts.loss
         producer = _raw(pred, graphs[-1])
@@ -139,13 +139,12 @@ def _output_values(g: Any) -> list:
     return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
-def _prediction(last: Any) -> Any:
+def _prediction(last: Any, spec: Any) -> Any:
     """The model's prediction node: its single output, which must be an (N, C) floating-point tensor."""
     import torch
     import torch.fx as fx
 
     out = next(n for n in last.graph.nodes if n.op == "output").args[0]
-    spec = getattr(last, "_out_spec", None)
     if spec is not None and isinstance(out, (tuple, list)):
         # an exported graph returns its outputs flat; the spec says whether they were one tensor
         import torch.utils._pytree as pytree

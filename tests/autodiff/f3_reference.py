@@ -104,6 +104,8 @@ def evaluate(model: torch.nn.Module, test: Any, loss: str) -> dict[str, float]:
         out = model(x)
     model.train()
     result = {"loss": float(loss_value(loss, out, y))}
-    if loss != "mse":
+    if loss == "mse":
+        result["mse"] = result["loss"]
+    else:
         result["accuracy"] = float((out.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).double().mean())
     return result

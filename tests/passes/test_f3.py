@@ -125,6 +125,8 @@ def test_the_export_tracer_gets_the_same_connectors():
     result = compile_loaded(example("mlp.py"), "f3", tracer="export")
     assert result.tracer == "export" and len(connectors(result.module)) == 4
     assert result.report["passes"][0]["max_abs_diff"] == 0.0
+    staged = compile_loaded(example("mlp.py"), "split{stages=2},f3{at=stages}", tracer="export").module
+    assert [len(connectors(s)) for s in staged.stages] == [1, 0]
 
 
 def test_b_is_saved_in_the_artefact(tmp_path):
