@@ -116,9 +116,9 @@ class F3(Pass):
         one_hot = error.endswith("-one-hot")
         per_sample = 4 if one_hot else 4 * classes
         notes.append(f"{len(rows)} connector(s), feedback matrices {_kb(total)} together; the error buffer holds "
-                     f"{per_sample} bytes per training sample in fp32 ({'one value' if one_hot else f'{classes} values'}"
-                     f"{' and a label' if loss != 'mse' else ''}); a micro-batch in flight keeps its error rows "
-                     f"(N x {classes}) per connector for the backward")
+                     f"{per_sample} bytes per training sample in fp32 ({'one value' if one_hot else f'{classes} values'})"
+                     f"{', plus its 8-byte label' if loss != 'mse' else ''}; a micro-batch in flight keeps its error "
+                     f"rows (N x {classes}) per connector for the backward")
         gm.gx_f3 = {"error": error, "loss": loss, "classes": classes, "at": opts.at}
         return PassResult(gm, bool(rows), notes, {"connectors": rows, "bytes": total, "classes": classes,
                                                   "loss": loss, "error": error, "schedule": self.schedule})
