@@ -52,7 +52,10 @@ class FeedbackFunction(torch.autograd.Function):
     """``h -> h`` whose backward ignores the incoming gradient and returns ``(e @ B).view_as(h)``.
 
     ``e @ B`` is formed in the backward, so a micro-batch in flight keeps only ``e`` (C numbers per
-    sample) beside the block's own graph, not an activation-sized gradient.
+    sample) beside the block's own graph, not an activation-sized gradient. In one ``loss.backward()``
+    over the whole model, the block after a connector still computes the gradient of its input (autograd
+    cannot know that it will be dropped): one input-gradient product per block that backprop would pay
+    too. A pipeline stage that receives its input detached computes none.
     """
 
     @staticmethod
