@@ -311,8 +311,8 @@ class ErrorBuffer:
         if count is not None and len(idx) != count:
             raise GradxformError(f"F³: {len(idx)} sample indices for a micro-batch of {count}")
         if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
-            raise GradxformError(f"F³: sample index {int(idx.max()) if int(idx.max()) >= len(self) else int(idx.min())} "
-                                 f"is outside the error buffer of {len(self)} training samples",
+            bad = int(idx.max()) if int(idx.max()) >= len(self) else int(idx.min())
+            raise GradxformError(f"F³: sample index {bad} is outside the error buffer of {len(self)} training samples",
                                  hint="index the training set itself (with_indices), not a subset or the test set")
         return idx.long()
 

@@ -7,5 +7,5 @@ from .staged import StagedModule
 # Modules the fx tracer keeps whole (their forward holds custom autograd logic).
 LEAF_MODULES = (ReversibleChain, StoredInputBlock, FeedbackConnector)
 
-__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling", "FeedbackConnector",
-           "LEAF_MODULES"]
+__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling",
+           "FeedbackConnector", "LEAF_MODULES"]

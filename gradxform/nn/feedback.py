@@ -43,6 +43,7 @@ from ..autodiff.feedback import feedback, feedback_matrix
 from ..errors import GradxformError
 from ..state import plain_path
 
+
 class FeedbackConnector(nn.Module):
     """After block k: forward the identity, backward ``e_n · B_k`` (see the module docstring).
 

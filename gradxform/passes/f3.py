@@ -115,8 +115,9 @@ class F3(Pass):
             notes.append("no connector inserted: no block boundary with a trainable layer after it")
         one_hot = error.endswith("-one-hot")
         per_sample = 4 if one_hot else 4 * classes
+        values = "one value" if one_hot else f"{classes} values"
         notes.append(f"{len(rows)} connector(s), feedback matrices {_kb(total)} together; the error buffer holds "
-                     f"{per_sample} bytes per training sample in fp32 ({'one value' if one_hot else f'{classes} values'})"
+                     f"{per_sample} bytes per training sample in fp32 ({values})"
                      f"{', plus its 8-byte label' if loss != 'mse' else ''}; a micro-batch in flight keeps its error "
                      f"rows (N x {classes}) per connector for the backward")
         gm.gx_f3 = {"error": error, "loss": loss, "classes": classes, "at": opts.at}

@@ -325,7 +325,8 @@ def test_llo_changes_only_the_last_block():
 def test_the_buffer_after_an_epoch_equals_the_errors_of_the_stored_outputs(kind, loss):
     data = _digits_like()
     if loss == "mse":
-        data = TensorDataset(data.tensors[0], data.tensors[0][:, :3] @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+        x = data.tensors[0]
+        data = TensorDataset(x, x[:, :3] @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
     widths = (6, 8, 8, 1 if loss == "mse" else 3)
     torch.manual_seed(0)
     model = compiled(tanh_mlp(widths, out=nn.Sigmoid if loss == "bce" else None), torch.randn(4, 6),

@@ -80,7 +80,8 @@ def test_error_rows_of_the_wrong_shape_are_refused():
 
 
 def test_feedback_errors_hands_every_connector_the_rows_and_restores_them():
-    model = nn.Sequential(nn.Linear(3, 4), FeedbackConnector((4,), 2), nn.Linear(4, 4), FeedbackConnector((4,), 2, index=1))
+    model = nn.Sequential(nn.Linear(3, 4), FeedbackConnector((4,), 2), nn.Linear(4, 4),
+                          FeedbackConnector((4,), 2, index=1))
     found = connectors(model)
     assert len(found) == 2
     found[1].set_error(None)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import gradxform
 from gradxform.compiler import compile_loaded
 from gradxform.errors import GradxformError
+from gradxform.frontend.loader import LoadedModel
 from gradxform.frontend.tracer import GxTracer
 from gradxform.nn.feedback import FeedbackConnector, connectors, feedback_errors
 from gradxform.passes.base import PASSES, describe_pass
@@ -45,8 +46,7 @@ def _compile(model, x, pipeline="f3", **kw):
 
 def test_before_expected_a_connector_after_every_layer_with_its_activation_but_the_last():
     torch.manual_seed(0)
-    result = gradxform.compiler.compile_loaded(
-        gradxform.frontend.loader.LoadedModel(Before(), (torch.randn(2, 4),), {}), "f3")
+    result = compile_loaded(LoadedModel(Before(), (torch.randn(2, 4),), {}), "f3")
     gm = result.module
     expected = torch.fx.GraphModule(Expected(), GxTracer().trace(Expected()))
     assert gm.code == expected.code
