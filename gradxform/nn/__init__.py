@@ -1,7 +1,9 @@
-"""The modules that passes insert: the staged container, reversible chains, heads, Highway layers,
-low-rank factors. They call the engines of :mod:`gradxform.autodiff`."""
+"""The modules that passes insert: the staged container, reversible chains, F³ feedback connectors,
+heads, Highway layers, low-rank factors. They call the engines of :mod:`gradxform.autodiff`."""
 
+from .feedback import FeedbackConnector
 from .reversible import LeapfrogCoupling, MomentumCoupling, ReversibleChain, StoredInputBlock
 from .staged import StagedModule
 
-__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling"]
+__all__ = ["StagedModule", "ReversibleChain", "StoredInputBlock", "LeapfrogCoupling", "MomentumCoupling",
+           "FeedbackConnector"]
