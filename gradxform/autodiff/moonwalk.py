@@ -877,15 +877,17 @@ class Engine:
         """g_y = g_x W^T (W W^T)^-1: the least-squares right inverse of y = x W^T + b."""
         w = u.weight()
         assert w is not None
-        w = w.detach()
-        rhs = gx.reshape(-1, w.shape[1]) @ w.T                       # (rows, out)
+        # the factorisation wants at least float32 (and half-precision kernels for it do not exist)
+        work = torch.promote_types(w.dtype, torch.float32)
+        w = w.detach().to(work)
+        rhs = gx.reshape(-1, w.shape[1]).to(work) @ w.T                  # (rows, out)
         gram = w @ w.T
         chol, info = torch.linalg.cholesky_ex(gram)
         if int(info) == 0:
             sol = torch.cholesky_solve(rhs.T, chol).T
         else:  # W is rank-deficient: the minimum-norm least-squares solution
             sol = torch.linalg.lstsq(gram, rhs.T).solution.T
-        return sol.reshape(*gx.shape[:-1], w.shape[0])
+        return sol.reshape(*gx.shape[:-1], w.shape[0]).to(gx.dtype)
 
     def _cg_carry(self, i: int, x: torch.Tensor, gx: torch.Tensor, sink: Sink) -> tuple[torch.Tensor, torch.Tensor]:
         """Least squares J^T u = g_x by conjugate gradients on (J J^T) u = J g_x."""

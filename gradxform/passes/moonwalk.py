@@ -87,7 +87,6 @@ class Moonwalk(Pass):
         import torch
 
         from ..ir.analysis import analyse
-        from ..ir.meta import propagate
         from ..nn.moonwalk import LOW_PRECISION, MoonwalkChain
         from ..nn.reversible import ReversibleChain, StoredInputBlock
         from .reversible import Reversible, ReversibleOptions, drop_unused_attrs, install
@@ -101,7 +100,10 @@ class Moonwalk(Pass):
         gm = rev.module
         if rev.changed:
             gm.recompile()
-            propagate(gm)
+            for n in gm.graph.nodes:  # a chain's output has its input's shape: no need to propagate again
+                if n.op == "call_module" and "val" not in n.meta and isinstance(gm.get_submodule(n.target),
+                                                                                ReversibleChain):
+                    n.meta["val"] = n.args[0].meta["val"]
         an = analyse(gm)
         regions = _regions(gm, an)
         exported = getattr(gm, "_in_spec", None) is not None
@@ -170,7 +172,9 @@ class Moonwalk(Pass):
         install(gm, [p[:6] for p in plans])
         drop_unused_attrs(gm)
         gm.recompile()
-        propagate(gm)
+        for p in plans:  # the new nodes hand on what the runs they replace handed on
+            node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == p[3])
+            node.meta["val"] = p[1].meta["val"]
 
         chains_info = []
         measured = _measure(gm, ctx, [p[4] for p in plans if isinstance(p[4], MoonwalkChain)])
