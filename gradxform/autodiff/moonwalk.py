@@ -498,6 +498,7 @@ class Engine:
         self.independent = independent
         self.cg_tol, self.cg_iterations = cg_tol, cg_iterations
         self.replay = Replay()
+        self._params: dict[int, list[nn.Parameter]] = {}
         self.side: tuple = ()
         self.device = torch.device("cpu")
         # runs of units whose input cannot be rebuilt from their output: [lo, hi)
@@ -514,6 +515,11 @@ class Engine:
             i = j
 
     # -- running units ------------------------------------------------------------------------
+    def params_of(self, i: int) -> list[nn.Parameter]:
+        if i not in self._params:
+            self._params[i] = self.units[i].parameters()
+        return self._params[i]
+
     def run(self, i: int, state: State) -> State:
         u = self.units[i]
         if not u.replay:
@@ -530,11 +536,10 @@ class Engine:
         """h_L, and the inputs of the non-rebuildable runs when anchors are stored (mixed mode)."""
         self.side, self.device = side, h0.device
         anchors: list[State] = []
-        starts = {lo for lo, _ in self.runs if lo > 0}
         state: State = (h0,)
         with torch.no_grad():
             for i in range(len(self.units)):
-                if self.mode == "mixed" and self.anchors == "store" and i in starts:
+                if self.mode == "mixed" and i in self.stored_anchors():
                     anchors.append(state)
                 state = self.run(i, state)
         self.replay.recording = False
@@ -542,6 +547,13 @@ class Engine:
             raise GradxformError("a Moonwalk chain must end on one tensor, not a coupling's state",
                                  hint="close every reversible chain inside the Moonwalk chain")
         return state[0], anchors
+
+    def stored_anchors(self) -> set[int]:
+        """Units whose input the first forward keeps for mixed mode's reverse sweep: the first unit of every
+        run that cannot be rebuilt (``store``), or only of the last run (``recompute``: rebuilding that one
+        would cost a whole forward; the others are recomputed from h_0 when the sweep reaches them)."""
+        starts = sorted(lo for lo, _ in self.runs if lo > 0)
+        return set(starts if self.anchors == "store" else starts[-1:])
 
     def _independent(self, h0: torch.Tensor) -> bool:
         if self.independent is not None:
@@ -572,7 +584,7 @@ class Engine:
                       ) -> tuple[torch.Tensor, dict[int, Held]]:
         """Input cotangents only, top to bottom; returns g_0 and the fragments of the units."""
         frags: dict[int, Held] = {}
-        stored = dict(zip([lo for lo, _ in self.runs if lo > 0], anchors))
+        stored = dict(zip(sorted(self.stored_anchors()), anchors))
         g: State = (gL,)
         state: State | None = None
         i = len(self.units) - 1
@@ -736,7 +748,7 @@ class Engine:
         """The coupling's vijp: one recompute of f, one VJP for the input and parameter cotangents."""
         u = self.units[i]
         assert isinstance(u, Step)
-        params = u.parameters()
+        params = self.params_of(i)
         wanted = [k for k, w in enumerate(self.side_wants) if w]
         if u.coupling.name == "leapfrog":
             (a, b), (ga, gb) = x, g
@@ -795,7 +807,7 @@ class Engine:
             gy = self._linear_carry(u, gx)
         else:
             y, gy = self._cg_carry(i, xt, gx, sink)
-        y = self._local_vjp(i, xt, gy, sink)[0] if (u.parameters() or any(self.side_wants)) else (
+        y = self._local_vjp(i, xt, gy, sink)[0] if (self.params_of(i) or any(self.side_wants)) else (
             y if y is not None else self.run(i, (xt,))[0])
         return (y,), (gy,)
 
@@ -809,7 +821,7 @@ class Engine:
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Recompute unit i at x under autograd; its parameter (and side) gradients for output cotangent gy."""
         u = self.units[i]
-        params = u.parameters()
+        params = self.params_of(i)
         wanted = [k for k, w in enumerate(self.side_wants) if w and (not isinstance(u, Map) or k in u.side_index)]
         with torch.enable_grad():
             x_ = x.detach().requires_grad_(want_input)
@@ -1030,7 +1042,7 @@ class Engine:
         for i, u in enumerate(self.units):
             with torch.no_grad():
                 y = self.run(i, state)
-            if u.parameters() or (any(self.side_wants) and not isinstance(u, (Enter, Exit))):
+            if self.params_of(i) or (any(self.side_wants) and not isinstance(u, (Enter, Exit))):
                 gy = tuple(self._basis_cotangent(i + 1, y, k, indep, sink) for k in range(len(y)))
                 self._naive_local(i, state, gy, sink)
             state = y
@@ -1041,7 +1053,7 @@ class Engine:
         if isinstance(u, Map):
             self._local_vjp(i, x[0], gy[0], sink)
             return
-        params = u.parameters()
+        params = self.params_of(i)
         wanted = [k for k, w in enumerate(self.side_wants) if w]
         with torch.enable_grad():
             side = tuple(t.detach().requires_grad_(True) if k in wanted else t for k, t in enumerate(self.side))
