@@ -308,9 +308,9 @@ class Sink:
 
     def add(self, tensors: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
         for t, g in zip(tensors, grads):
-            if g is None:
+            k = self.index.get(id(t))
+            if g is None or k is None:
                 continue
-            k = self.index[id(t)]
             self.params[k] = g if self.params[k] is None else self.params[k] + g
 
     def add_sides(self, wanted: Sequence[int], grads: Sequence[torch.Tensor | None]) -> None:
@@ -334,6 +334,7 @@ class Unit:
     random = False
     rule = ""
     side_index: list[int] = []   # which of the chain's side inputs the unit reads
+    _all: list[nn.Parameter] | None = None
 
     def parameters(self) -> list[nn.Parameter]:
         return []
@@ -418,7 +419,9 @@ class Step(Unit):
                                  hint="use the leapfrog or momentum coupling")
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.block.parameters() if p.requires_grad]
+        if self._all is None:
+            self._all = list(self.block.parameters())
+        return [p for p in self._all if p.requires_grad]
 
     def f(self, side: tuple) -> Callable:
         mine = self.sides(side)
@@ -453,7 +456,9 @@ class Map(Unit):
         self._scale: dict[tuple, float] = {}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
+        if self._all is None:
+            self._all = list(self.module.parameters())
+        return [p for p in self._all if p.requires_grad]
 
     def forward(self, state: State, side: tuple) -> State:
         return (self.module(state[0], *self.sides(side)),)
@@ -852,6 +857,19 @@ class Engine:
         finally:
             self.replay.functional = prev
 
+    def _vjp_fn(self, i: int, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> v J of unit i at x, through one autograd graph (``torch.func.vjp`` refuses to run under the
+        saved-tensor hooks that memory accounting and offloading install)."""
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            y = self.run(i, (x_,))[0]
+
+        def vjp(v: torch.Tensor) -> torch.Tensor:
+            (g,) = torch.autograd.grad(y, [x_], v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(x_) if g is None else g
+
+        return vjp
+
     def _jvp(self, i: int, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fn = lambda z: self.run(i, (z,))[0]  # noqa: E731
         with self._functional([i]):
@@ -864,9 +882,8 @@ class Engine:
         assert isinstance(u, Map)
         if key not in u._scale:
             fn = lambda z: self.run(i, (z,))[0]  # noqa: E731
+            back = self._vjp_fn(i, x)(torch.ones_like(y))
             with self._functional([i]):
-                _, vjp_fn = torch.func.vjp(fn, x)
-                (back,) = vjp_fn(torch.ones_like(y))
                 _, probe = torch.func.jvp(fn, (x,), (back,))
             c = float(probe.mean())
             spread = float((probe - c).abs().max())
@@ -905,13 +922,13 @@ class Engine:
         """Least squares J^T u = g_x by conjugate gradients on (J J^T) u = J g_x."""
         fn = lambda z: self.run(i, (z,))[0]  # noqa: E731
         tol = self.cg_tol if self.cg_tol is not None else (1e-13 if x.dtype == torch.float64 else 1e-6)
+        vjp_fn = self._vjp_fn(i, x)
         with self._functional([i]):
-            y, vjp_fn = torch.func.vjp(fn, x)
 
             def op(v: torch.Tensor) -> torch.Tensor:
-                return torch.func.jvp(fn, (x,), (vjp_fn(v)[0],))[1]
+                return torch.func.jvp(fn, (x,), (vjp_fn(v),))[1]
 
-            b = torch.func.jvp(fn, (x,), (gx,))[1]
+            y, b = torch.func.jvp(fn, (x,), (gx,))
             u_ = torch.zeros_like(b)
             r = b.clone()
             p = r.clone()

@@ -91,12 +91,11 @@ class MoonwalkChain(nn.Module):
         return h
 
     def forward(self, h: torch.Tensor, *sides: torch.Tensor) -> torch.Tensor:
+        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         grads_needed = torch.is_grad_enabled() and (
-            h.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in sides)
-            or any(p.requires_grad for p in self.parameters()))
+            h.requires_grad or any(isinstance(s, torch.Tensor) and s.requires_grad for s in sides) or params)
         if self.mode == "autograd" or not grads_needed or _plain_path():
             return self.run_plain(h, sides, autograd_chains=self.mode == "autograd")
-        params = [p for p in self.parameters() if p.requires_grad]
         return _MoonwalkFunction.apply(self, len(sides), h, *sides, *params)
 
     # -- what the last backward found ----------------------------------------------------------------
@@ -139,6 +138,7 @@ class _MoonwalkFunction(torch.autograd.Function):
         stats = engine.replay.pack()
         engine.side = ()
         ctx.owner, ctx.engine, ctx.n_side = owner, engine, n_side
+        ctx.params = rest[n_side:]
         ctx.anchor_sizes = [len(a) for a in anchors]
         ctx.n_stats = len(stats)
         ctx.save_for_backward(h0, *sides, *[t for a in anchors for t in a], *stats)
@@ -156,7 +156,7 @@ class _MoonwalkFunction(torch.autograd.Function):
             k += size
         engine.replay.unpack(saved[k:])
         engine.side = sides
-        params = [p for p in owner.parameters() if p.requires_grad]
+        params = list(ctx.params)
         want_g0 = ctx.needs_input_grad[2]
         side_wants = [bool(ctx.needs_input_grad[3 + j]) for j in range(ctx.n_side)]
         with frozen_buffers(owner):

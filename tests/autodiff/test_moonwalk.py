@@ -207,3 +207,13 @@ def test_invalid_arguments():
         MoonwalkChain([Layer(nn.Tanh())], ["coupling"])
     with pytest.raises(ValueError, match="unknown rule"):
         Map(nn.Tanh(), "guess", "t")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_runs_under_saved_tensor_hooks(mode):
+    """Memory accounting and offloading hooks stay on through every sweep (torch.func.vjp would refuse)."""
+    reference = step(build(LeapfrogCoupling(), "autograd"), X)
+    with held_bytes() as counter:
+        got = step(build(LeapfrogCoupling(), mode), X)
+    assert_same(got, reference)
+    assert counter.peak > 0 and counter.live == 0
