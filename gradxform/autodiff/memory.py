@@ -2,13 +2,14 @@
 frees it, including what a custom backward saves while it recomputes (a reversible chain's blocks, a
 Moonwalk sweep) and what an engine keeps between sweeps through :class:`gradxform.autodiff.moonwalk.Held`.
 
-A tensor packed twice (the same storage saved by two ops) is counted once while both hold it.
+A tensor packed twice (the same storage saved by two ops) is counted once while both hold it. Tensors that
+live anyway (a model's parameters and buffers, which layers save for their backward) can be left out.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -16,7 +17,8 @@ import torch
 class HeldBytes:
     """``live``: bytes held now; ``peak``: the most held at once; ``packed``: all bytes ever packed."""
 
-    def __init__(self) -> None:
+    def __init__(self, exclude: set[int] | None = None) -> None:
+        self.exclude = exclude or set()   # data pointers of storages not to count
         self.live = 0
         self.peak = 0
         self.packed = 0
@@ -26,7 +28,9 @@ class HeldBytes:
         storage = t.untyped_storage()
         return (storage.data_ptr(), storage.nbytes(), t.device)
 
-    def pack(self, t: torch.Tensor) -> "_Packed":
+    def pack(self, t: torch.Tensor) -> Any:
+        if t.untyped_storage().data_ptr() in self.exclude:
+            return t
         key = self._key(t)
         n = t.untyped_storage().nbytes()
         if self._refs.get(key, 0) == 0:
@@ -56,8 +60,12 @@ class _Packed:
 
 
 @contextlib.contextmanager
-def held_bytes() -> Iterator[HeldBytes]:
-    """Count the bytes held for backward by everything run (forward and backward) inside the block."""
-    counter = HeldBytes()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda p: p.tensor):
+def held_bytes(exclude: torch.nn.Module | None = None) -> Iterator[HeldBytes]:
+    """Count the bytes held for backward by everything run (forward and backward) inside the block; with
+    ``exclude``, not that module's parameters and buffers."""
+    skip = set()
+    if exclude is not None:
+        skip = {t.untyped_storage().data_ptr() for t in [*exclude.parameters(), *exclude.buffers()]}
+    counter = HeldBytes(skip)
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda p: p.tensor if isinstance(p, _Packed) else p):
         yield counter

@@ -35,8 +35,9 @@ class MoonwalkOptions:
                  "(JVPs along input directions), naive (forward-mode baseline, quadratic in depth), autograd "
                  "(the same architecture trained by ordinary backprop)")
     anchors: Literal["recompute", "store"] = option(
-        "recompute", "mixed mode: the inputs of pieces that cannot be inverted are recomputed from the chain's "
-                     "input in the reverse sweep, or stored by the forward")
+        "recompute", "mixed mode, the inputs of pieces that cannot be inverted: recomputed from the chain's input "
+                     "in the reverse sweep (the last one is kept: rebuilding it would cost a whole forward), or "
+                     "all stored by the forward")
     fragments: bool = option(True, "keep the cotangent parts a non-submersive piece erases (ReLU masks, BatchNorm's "
                                    "2 scalars per channel, whole cotangents); false: such pieces store their input")
     coupling: Literal["leapfrog", "momentum"] = option("leapfrog", "how reversible's two-tensor state is coupled")
@@ -84,8 +85,6 @@ class Moonwalk(Pass):
     schedule: ClassVar[str] = "moonwalk"
 
     def run(self, gm: Any, ctx: Any) -> PassResult:
-        import torch
-
         from ..ir.analysis import analyse
         from ..nn.moonwalk import LOW_PRECISION, MoonwalkChain
         from ..nn.reversible import ReversibleChain, StoredInputBlock
@@ -148,6 +147,7 @@ class Moonwalk(Pass):
                              f"cotangent forward")
         plans = []
         existing = sum(1 for n, _ in gm.named_children() if n.startswith("moonwalk"))
+        existing_stored = sum(1 for n, _ in gm.named_children() if n.startswith("stored"))
         for k, c in enumerate(useful):
             sides = _ordered([s for p in c for s in p.sides])
             pieces = []
@@ -168,7 +168,7 @@ class Moonwalk(Pass):
                            group[0].name)
             random = any(_draws_random(n, gm) for p in group for n in p.nodes)
             plans.append((group[0].h_in, group[-1].h_out, [n for p in group for n in p.nodes],
-                          f"stored{existing + k}", StoredInputBlock(block, group[0].name, random), sides, group))
+                          f"stored{existing_stored + k}", StoredInputBlock(block, group[0].name, random), sides, group))
         install(gm, [p[:6] for p in plans])
         drop_unused_attrs(gm)
         gm.recompile()
