@@ -249,9 +249,11 @@ def test_loss_backward_runs_moonwalk_and_keeps_only_the_input():
         kept = counter.live
         assert type(out.grad_fn).__name__ == "_MoonwalkFunctionBackward"
         out.logsumexp(1).sum().backward()
-    # the chain's input and BatchNorm's recorded statistics (2 per channel per layer): no activation
+    # the chain's input, BatchNorm's recorded statistics (2 per channel per layer) and the last coupling's
+    # final state (the input of the head, which cannot be rebuilt): no activation of any layer
     stats = sum(2 * m.num_features * 4 for m in module.modules() if isinstance(m, nn.BatchNorm2d))
-    assert kept == x.numel() * 4 + stats
+    last_state = 2 * (2 * 128 * 1 * 1) * 4
+    assert kept == x.numel() * 4 + stats + last_state
     assert module.moonwalk0.last["drift"] < 1e-4
 
 
@@ -359,7 +361,7 @@ def test_invalid_options():
 @pytest.mark.slow
 def test_cli_trains_with_moonwalk(tmp_path):
     r = run_cli("train", f"{EXAMPLES / 'resnet.py'}:digits_resnet", "--pass", "moonwalk", "--epochs", "1",
-                "--data", "digits", "--out", str(tmp_path / "run"))
+                "--batch-size", "128", "--data", "digits", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "final test accuracy" in r.stdout and "(backprop, 1 stage(s)" in r.stdout
 
