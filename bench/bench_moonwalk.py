@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
 import statistics
@@ -260,8 +261,8 @@ def write(mem: list[dict], small: list[dict], wide: list[dict], nets: list[dict]
         "# Moonwalk: memory and time",
         "",
         f"Measured {date} on a {machine()}, torch {torch.__version__}, one thread "
-        f"(`python bench/bench_moonwalk.py{' --quick' if a.quick else ''}`). Every number is from this run; "
-        "methods were measured side by side in one process.",
+        f"(`python bench/bench_moonwalk.py{' --quick' if a.quick else ''}`). Every number is from this run "
+        "(raw values in bench_moonwalk.json); methods were measured side by side in one process.",
         "",
         "*Held for backward*: bytes of every tensor autograd saves, counted with `saved_tensors_hooks` from "
         "pack until autograd frees it, through the forward **and** the backward (a chain's own recomputes, "
@@ -376,6 +377,8 @@ def write(mem: list[dict], small: list[dict], wide: list[dict], nets: list[dict]
         "",
     ]
     (ROOT / "docs" / "bench_moonwalk.md").write_text("\n".join(lines))
+    raw = {"memory": mem, "time_small": small, "time_wide": wide, "resnets": nets, "cost": cost}
+    (ROOT / "docs" / "bench_moonwalk.json").write_text(json.dumps(raw, indent=1))
     plot(mem, small, wide, nets)
     print("\n".join(lines))
 
@@ -388,8 +391,8 @@ def plot(mem: list[dict], small: list[dict], wide: list[dict], nets: list[dict])
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axes[0][0]
-    for m in METHODS:
-        ax.plot([r["depth"] for r in mem], [r[m] / 2**20 for r in mem], marker="o", label=m)
+    for m, style in zip(METHODS, ("-o", "-s", "-^", "--D", ":x")):
+        ax.plot([r["depth"] for r in mem], [r[m] / 2**20 for r in mem], style, label=m)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("depth (coupling blocks)")
@@ -407,12 +410,15 @@ def plot(mem: list[dict], small: list[dict], wide: list[dict], nets: list[dict])
     ax.set_title("residual stack: time (small)")
     ax.legend()
     ax = axes[1][0]
-    labels = [k for k in nets[0] if k != "model" and not k.endswith("kept")]
+    labels = []
+    for r in nets:
+        labels += [k for k in r if k != "model" and not k.endswith("kept") and k not in labels]
     width = 0.8 / len(labels)
     for j, k in enumerate(labels):
         ax.bar([i + j * width for i in range(len(nets))], [r.get(k, 0) / 2**20 for r in nets], width, label=k)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(nets))],
-                  [r["model"].split(",")[0] + "\n" + r["model"].split(",")[-1] for r in nets], fontsize=7)
+    short = [r["model"].replace("ResNet-18, ", "").replace(" ResNet-18", "").split(" (")[0] + "\n"
+             + r["model"].split(", ")[-1] for r in nets]
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(nets))], short, fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("peak held for backward (MiB)")
     ax.set_title("ResNets with down-sampling")

@@ -217,3 +217,35 @@ def test_runs_under_saved_tensor_hooks(mode):
         got = step(build(LeapfrogCoupling(), mode), X)
     assert_same(got, reference)
     assert counter.peak > 0 and counter.live == 0
+
+
+def test_a_layer_that_changes_between_sweeps_is_named():
+    class Drifting(nn.Module):
+        """ReLU(x - c) with c moving at every call: the sweeps disagree on which units are zero."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x, *side):
+            self.calls += 1
+            return torch.relu(x - 0.3 * self.calls)
+
+    torch.manual_seed(0)
+    module = MoonwalkChain([Layer(nn.Linear(8, 8)), Drifting(), Layer(nn.Linear(8, 2))], ["linear", "diag", "linear"],
+                           names=["fc1", "act", "fc2"], specs=[{"weight": "m.weight"}, {}, {"weight": "m.weight"}])
+    with pytest.raises(GradxformError, match="the fragment of 'act' does not fit its recomputed mask"):
+        step(module.double(), torch.randn(16, 8, dtype=torch.float64))
+
+
+def test_unknown_couplings_and_open_chains_are_refused():
+    class Twisted:
+        name = "twisted"
+
+    with pytest.raises(GradxformError, match="no vijp for the 'twisted' coupling"):
+        from gradxform.autodiff.moonwalk import Step
+
+        Step(Twisted(), nn.Identity(), "b0")
+    open_chain = ReversibleChain([ConvBlock(2)], LeapfrogCoupling(), exit=False)
+    with pytest.raises(ValueError, match="must enter and exit its coupling"):
+        MoonwalkChain([open_chain], ["coupling"])
