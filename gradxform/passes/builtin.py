@@ -1,6 +1,6 @@
 """Importing this module registers gradxform's built-in passes and composites."""
 
-from . import aux_heads, f3, grow, highway, lowrank, reversible, split  # noqa: F401
+from . import aux_heads, f3, grow, highway, lowrank, moonwalk, reversible, split  # noqa: F401
 from .base import Composite, register_composite
 
 register_composite(Composite(
