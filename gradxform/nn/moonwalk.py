@@ -27,15 +27,15 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class MoonwalkChain(nn.Module):
-    """
-
-    gx_leaf = True  # a tracer leaf: tracing into it would inline the Function and lose MoonwalkA chain of pieces trained by Moonwalk.
+    """A chain of pieces trained by Moonwalk.
 
     ``rules[k]`` says how piece k carries a cotangent forward (``coupling`` for a ``ReversibleChain``,
     else one of :attr:`gradxform.autodiff.moonwalk.Map.RULES`); ``specs[k]`` what the rule needs to know
     of the layer; ``side_index[k]`` which of the chain's side inputs it reads. ``mode``: ``mixed``,
     ``forward``, ``naive`` (the baseline), or ``autograd`` (ordinary backprop, for reference).
     """
+
+    gx_leaf = True  # a tracer leaf: tracing into it would inline the Function and lose Moonwalk
 
     def __init__(self, pieces: Sequence[nn.Module], rules: Sequence[str], names: Sequence[str] | None = None,
                  specs: Sequence[dict] | None = None, side_index: Sequence[Sequence[int]] | None = None, *,

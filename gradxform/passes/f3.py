@@ -61,10 +61,11 @@ class F3(Pass):
         from ..autodiff.feedback import check_error_kind
         from ..ir.meta import concrete
         from ..nn.feedback import FeedbackConnector, connectors
+        from ..nn.staged import stages_of
 
         opts = self.options
-        staged = getattr(gm, "stages", None) is not None
-        graphs = list(gm.stages) if staged else [gm]
+        staged = stages_of(gm) is not None
+        graphs = stages_of(gm) if staged else [gm]
         if connectors(gm):
             return PassResult(gm, False, ["the model already has feedback connectors; left as it is"],
                               {"connectors": []})

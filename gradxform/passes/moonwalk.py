@@ -75,7 +75,8 @@ class Moonwalk(Pass):
     """Train the model by Moonwalk: reversible couplings, then chains whose backward is Moonwalk.
 
     Architecture changes as in ``reversible`` (the couplings); every other layer computes what it did.
-    ``loss.backward()`` on the result runs the engine, so the ``backprop`` schedule already trains it.
+    ``loss.backward()`` on the result runs the engine: the ``moonwalk`` schedule trains it (backprop's
+    tick table; it checks that the model holds a MoonwalkChain and may override the sweep's mode).
     """
 
     name = "moonwalk"
@@ -219,8 +220,7 @@ class Moonwalk(Pass):
         if opts.mode == "forward":
             notes.append("forward mode: no reverse sweep; g_0 and every fragment come from batched JVPs, one per "
                          "dimension they cover (see each block)")
-        info = {"chains": chains_info, "stored_input_blocks": stored_info, "schedule": "backprop",
-                "declared_schedule": self.schedule}
+        info = {"chains": chains_info, "stored_input_blocks": stored_info, "schedule": self.schedule}
         return PassResult(gm, True, notes, info)
 
 

@@ -102,6 +102,10 @@ class PointToPoint:
         _wait(self.previous + self.pending)
         self.previous, self.pending = [], []
 
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        """``tensor`` on every rank becomes rank ``src``'s (the rank that hosts stage ``src``)."""
+        dist.broadcast(tensor, src)
+
     def barrier(self) -> None:
         """Every rank reaches this point (bounded by the group's timeout)."""
         dist.barrier()

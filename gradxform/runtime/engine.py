@@ -32,6 +32,8 @@ class Transport(Protocol):
 
     def barrier(self) -> None: ...
 
+    def broadcast(self, tensor: Any, src: int) -> None: ...
+
 
 def message_bytes(message: Message) -> int:
     return sum(t.numel() * t.element_size() for field in message.values() for t in field
@@ -61,6 +63,9 @@ class InProcess:
 
     def barrier(self) -> None:
         pass
+
+    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
+        pass  # one process: every stage already sees the same tensor
 
 
 def _checked(message: Message | None, fields: tuple[str, ...], stage: int, kind: str, schedule: str) -> Message:

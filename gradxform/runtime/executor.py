@@ -142,6 +142,7 @@ class StageExecutor:
         self.kept: dict[int, Kept] = {}
         self.pending = 0  # backwards accumulated since the last update
         self.stats = StageStats()
+        self.sample_indices: Callable[[int], torch.Tensor] | None = None  # mb -> its samples' dataset indices
         self.before_update: list[Callable[[], None]] = []  # e.g. summing tied copies' gradients
         self.after_update: list[Callable[[], bool]] = []  # e.g. adaptive rank; True: parameters changed
         self.refresh()

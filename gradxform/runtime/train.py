@@ -115,14 +115,15 @@ def make_optimizer(module: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 
 def micro_batches(dataset: Any, size: int, seed: int, epoch: int, shuffle: bool = True,
-                  drop_last: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's micro-batches; the order depends only on (seed, epoch), identical on every rank."""
+                  drop_last: bool = True) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The epoch's micro-batches as (inputs, labels, the samples' dataset indices); the order depends
+    only on (seed, epoch), identical on every rank."""
     x, y = tensors_of(dataset)
     n = len(y)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle \
         else torch.arange(n)
     stop = n - n % size if drop_last else n
-    return [(x[order[i:i + size]], y[order[i:i + size]]) for i in range(0, stop, size)]
+    return [(x[order[i:i + size]], y[order[i:i + size]], order[i:i + size]) for i in range(0, stop, size)]
 
 
 class Callback:
@@ -205,7 +206,7 @@ class Trainer:
             self.checkpoints.write_stage(self.epoch, j, {
                 "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                 "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
-                "rng": torch.get_rng_state(), "config": config})
+                "rng": torch.get_rng_state(), "config": config, "schedule": self.schedule.state_dict()})
         self._emit("on_save")
         self._barrier()  # every rank's stage file is on disk before rank 0 commits
         if self.rank0:
@@ -235,6 +236,7 @@ class Trainer:
                                       hint="resume with the model and pipeline the run was started with, or "
                                            "train afresh with --overwrite") from None
             torch.set_rng_state(state["rng"])
+            self.schedule.load_state_dict(state.get("schedule", {}))
         self.epoch, self.history = epoch, self.checkpoints.history(epoch)
         if self.rank0:  # the metrics of epochs after the checkpoint will be written again: drop them
             write_atomic(self.out / "metrics.jsonl",
@@ -267,6 +269,7 @@ class Trainer:
 
     def _fit(self, train: Any, test: Any) -> list[dict[str, Any]]:
         cfg = self.cfg
+        self.schedule.start(self, train)
         if cfg.resume:
             if not self.load():
                 raise CheckpointError(f"--resume: {self.out} holds no committed checkpoint to resume from",
@@ -276,7 +279,7 @@ class Trainer:
             # a resumed run continues the RNG stream saved with its checkpoint (dropout, random tangents)
             torch.manual_seed(cfg.seed)
         test_batches = micro_batches(test, cfg.batch_size, cfg.seed, 0, shuffle=False, drop_last=False)
-        test_feed = [(self.staged.first_inputs((x,), {}), y) for x, y in test_batches]
+        test_feed = [(self.staged.first_inputs((x,), {}), y) for x, y, _ in test_batches]
         started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         while self.epoch < cfg.epochs:
             self._set_lr()
@@ -300,10 +303,13 @@ class Trainer:
                     self.runner.step([feed(i) for i in idx], [target(i) for i in idx])
                     self._emit("on_tick", done + len(table.ticks) - 1)
                 else:
+                    for ex in self.executors.values():  # which samples a micro-batch holds (F³'s error rows)
+                        ex.sample_indices = lambda mb, o=offset: batches[mb + o][2]
                     run_schedule(table, self.executors, self.transport,
                                  lambda mb, o=offset: feed(mb + o), lambda mb, o=offset: target(mb + o),
                                  on_tick=on_tick)
                 done += len(table.ticks)
+            self.schedule.end_epoch(self)
             train_seconds = time.perf_counter() - epoch_start
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []

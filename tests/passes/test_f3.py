@@ -12,7 +12,7 @@ from gradxform.errors import GradxformError
 from gradxform.frontend.loader import LoadedModel
 from gradxform.frontend.tracer import GxTracer
 from gradxform.nn.feedback import FeedbackConnector, connectors, feedback_errors
-from gradxform.passes.base import PASSES, describe_pass
+from gradxform.passes import PASSES, describe_pass
 
 from ..conftest import example
 

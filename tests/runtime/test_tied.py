@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import gradxform
+from gradxform.api import staged as staged_module
 from gradxform.errors import GradxformError
 from gradxform.runtime.engine import InProcess, run_schedule
 from gradxform.runtime.executor import StageExecutor
@@ -38,7 +39,7 @@ def _train(pipeline: str, schedule: str, steps: int = 4):
     xs = [torch.randint(0, 11, (4, 5), generator=gen) for _ in range(steps)]
     ys = [torch.randint(0, 11, (4, 5), generator=gen) for _ in range(steps)]
     staged = gradxform.compile(model, pipeline, example_inputs=(xs[0],), tracer="fx", check=False)
-    staged = staged if hasattr(staged, "tied") else gradxform.api.staged(staged)
+    staged = staged if hasattr(staged, "tied") else staged_module(staged)
     sched = make_schedule(schedule)
     n = len(staged.stages)
     exs = {j: StageExecutor(j, n, st, sched, torch.optim.SGD(st.parameters(), lr=0.5, momentum=0.9),

@@ -169,6 +169,20 @@ class Schedule:
     def check(self, staged: Any) -> None:
         """Raise a GradxformError when the model lacks what the schedule needs."""
 
+    # -- state a schedule keeps across micro-batches (F³'s error buffer): set up, synced, checkpointed
+    def start(self, trainer: Any, train: Any) -> None:
+        """Before the first epoch (after a resume's load too): set up what the schedule keeps."""
+
+    def end_epoch(self, trainer: Any) -> None:
+        """After an epoch's last tick, before evaluation and the checkpoint (e.g. share state across ranks)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold for a resumed run to continue bit for bit."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def distributed_runner(self, executor: StageExecutor, rank: int, world: int, device: Any,
                            loss_fn: Any) -> Any:
         """A runner that trains one rank's stage through another engine (``step(xs, ys)`` per table),
