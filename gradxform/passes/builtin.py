@@ -5,8 +5,8 @@ from .base import Composite, register_composite
 
 register_composite(Composite(
     "petra", "reversible residual chains cut into balanced pipeline stages, for the PETRA schedule",
-    "reversible,split{stages=4}",
-    routes={"stages": "split", "balance": "split", "coupling": "reversible", "gamma": "reversible",
+    "reversible,split{stages=4,recompute=true}",
+    routes={"stages": "split", "balance": "split", "recompute": "split", "coupling": "reversible", "gamma": "reversible",
             "merge": "reversible", "store_inputs": "reversible"}, schedule="petra"))
 
 _HEADS = {"stages": "split", "balance": "split", "head": "aux-heads", "width": "aux-heads"}

@@ -18,6 +18,8 @@ class SplitOptions:
     balance: Literal["flops", "params", "layers", "time"] = option(
         "flops", "what to equalise across stages (time: measured per node on the example inputs)")
     at: tuple[str, ...] = option((), "explicit cuts: each stage after the first starts at this module path")
+    recompute: bool = option(False, "stages but the last recompute their forward in backward (petra, dsp, stash): "
+                                    "balance forward + recompute + backward, so the last stage takes more layers")
 
     def validate(self) -> None:
         if self.stages < 1:
@@ -74,7 +76,7 @@ class Split(Pass):
             weights = self._weights(gm, order, costs, values, opts.balance, ctx)
             cross = [evaluate(c.bytes, values) for c in valid]
             try:
-                cuts = partition(weights, [c.index for c in valid], opts.stages, cross)
+                cuts = partition(weights, [c.index for c in valid], opts.stages, cross, last=_last_share(opts))
             except ValueError:
                 useful = _useful_cuts(weights, [c.index for c in valid])
                 blocked = [c.reason for c in an.cuts if not c.valid and c.reason.startswith("buffer")]
@@ -84,7 +86,7 @@ class Split(Pass):
                     hint=(f"{blocked[0]}; use fewer stages" if blocked
                           else "use fewer stages, or run 'gradxform inspect' to see the cut points")) from None
         staged = build_stages(gm, an, cuts)
-        share = stage_costs(weights, cuts)
+        share = stage_costs(weights, cuts, last=_last_share(opts))
         whole = sum(share) or 1.0
         by_index = {c.index: c for c in an.cuts}
         notes = []
@@ -108,7 +110,8 @@ class Split(Pass):
             notes.append(f"tied parameter copied per stage: {where}; sum their gradients before each update "
                          f"(StagedModule.tied)")
         balance = "flops" if at else opts.balance
-        notes.append(f"balanced on {balance}: stage shares " + ", ".join(f"{x / whole:.0%}" for x in share))
+        notes.append(f"balanced on {balance}" + (" with the recompute of every stage but the last" if opts.recompute
+                                                 else "") + ": stage shares " + ", ".join(f"{x / whole:.0%}" for x in share))
         return PassResult(staged, True, notes, {"cuts": [by_index[c].after for c in cuts],
                                                  "balance": balance, "stages": stages_info,
                                                  "tied": staged.tied})
@@ -185,6 +188,15 @@ def unfold_chains(gm: Any) -> bool:
     if changed:
         gm.recompile()
     return changed
+
+
+# Per unit of forward work, with a backward of about twice a forward: forward + recompute + backward = 4
+# on the stages that recompute, forward + backward = 3 on the last stage.
+LAST_STAGE_SHARE = 3 / 4
+
+
+def _last_share(opts: SplitOptions) -> float:
+    return LAST_STAGE_SHARE if opts.recompute else 1.0
 
 
 def _useful_cuts(weights: list[float], cuts: list[int]) -> int:

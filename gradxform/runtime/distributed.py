@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ class PointToPoint:
         self.pending: list[Any] = []    # sends posted in this tick
         self.previous: list[Any] = []   # sends posted in the tick before
         self.sent_bytes = 0
+        self.waits = {"wait_recv": 0.0, "wait_send": 0.0}  # seconds blocked on the neighbours
 
     def send(self, src: int, dst: int, kind: str, mb: int, message: Message) -> None:
         tensors = [t for field in message.values() for t in field]
@@ -65,6 +67,13 @@ class PointToPoint:
                 self.sent_bytes += t.numel() * t.element_size()
 
     def recv(self, src: int, dst: int, kind: str, mb: int, fields: tuple[str, ...]) -> Message:
+        start = time.perf_counter()
+        try:
+            return self._recv(src, dst, kind, fields)
+        finally:
+            self.waits["wait_recv"] += time.perf_counter() - start
+
+    def _recv(self, src: int, dst: int, kind: str, fields: tuple[str, ...]) -> Message:
         header = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
         dist.recv(header, src)
         header = header.cpu()
@@ -95,12 +104,16 @@ class PointToPoint:
     def end_tick(self) -> None:
         # A send completes when the neighbour posts its receive, which it does in the next tick:
         # waiting on this tick's sends would deadlock, so wait on the previous tick's.
+        start = time.perf_counter()
         _wait(self.previous)
         self.previous, self.pending = self.pending, []
+        self.waits["wait_send"] += time.perf_counter() - start
 
     def flush(self) -> None:
+        start = time.perf_counter()
         _wait(self.previous + self.pending)
         self.previous, self.pending = [], []
+        self.waits["wait_send"] += time.perf_counter() - start
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         """``tensor`` on every rank becomes rank ``src``'s (the rank that hosts stage ``src``)."""
@@ -128,6 +141,11 @@ class PointToPoint:
             mine[self.rank] = float(record[key][self.rank])
             dist.all_reduce(mine)
             record[key] = {j: kind(v) for j, v in enumerate(mine.tolist())}
+        names = sorted(record["phases"][self.rank])
+        mine = torch.zeros(self.world, len(names), dtype=torch.float64)
+        mine[self.rank] = torch.tensor([record["phases"][self.rank][k] for k in names], dtype=torch.float64)
+        dist.all_reduce(mine)
+        record["phases"] = {j: dict(zip(names, row)) for j, row in enumerate(mine.tolist())}
         slowest = torch.tensor([record["train_seconds"]], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         record["train_seconds"] = float(slowest)

@@ -66,6 +66,8 @@ class StageStats:
     peak_kept_bytes: int = 0
     peak_step_bytes: int = 0    # the most one micro-batch kept for its backward (graph, inputs, tangents)
     busy_seconds: float = 0.0   # time spent in forward, backward and update
+    # where that time went: forward, inversion, recompute, backward (the VJP), optimizer
+    phases: dict[str, float] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     local_losses: list[float] = field(default_factory=list)  # auxiliary head losses (local, forward-grad)
 
@@ -178,7 +180,7 @@ class StageExecutor:
     def update(self, backwards: int | None = None) -> None:
         """One optimizer step with the mean of the gradients of the ``backwards`` accumulated since
         the last one (default: as counted; 1 when another engine already averaged them)."""
-        with self._timed():
+        with self._timed(), self.phase("optimizer"):
             if backwards is not None:
                 self.pending = backwards
             if not self.pending:
@@ -274,6 +276,15 @@ class StageExecutor:
         if not torch.isfinite(t).all():
             raise TrainingError(f"stage {self.index}: non-finite {what} (after {self.stats.updates} updates)",
                                 hint="lower the learning rate (--lr), or check the data for NaN or huge values")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time spent in a named part of the stage's work (the per-stage breakdown of the benchmarks)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stats.phases[name] = self.stats.phases.get(name, 0.0) + time.perf_counter() - start
 
     @contextlib.contextmanager
     def _timed(self) -> Iterator[None]:

@@ -25,12 +25,11 @@ class TorchPipeline:
 
     def __init__(self, executor: StageExecutor, schedule: str, rank: int, world: int, device: torch.device,
                  loss_fn: Any):
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         self.executor = executor
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.device = rank, world, device
         self.cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
-        self.stage = PipelineStage(executor.module, rank, world, device)
         self.loss_fn = loss_fn
         self.schedules: dict[int, Any] = {}
 
@@ -38,8 +37,12 @@ class TorchPipeline:
         """One synchronous step over the micro-batches ``xs`` (stage-0 inputs) and targets ``ys``."""
         m = len(ys)
         ex = self.executor
-        if m not in self.schedules:  # the epoch's last step may have more micro-batches
-            self.schedules[m] = self.cls(self.stage, n_microbatches=m, loss_fn=self.loss_fn, scale_grads=True)
+        if m not in self.schedules:  # the epoch's last step may have more (or fewer) micro-batches
+            from torch.distributed.pipelining import PipelineStage
+
+            # a PipelineStage is prepared for one number of micro-batches: one per step size
+            stage = PipelineStage(ex.module, self.rank, self.world, self.device)
+            self.schedules[m] = self.cls(stage, n_microbatches=m, loss_fn=self.loss_fn, scale_grads=True)
             with frozen_buffers(ex.module):  # shape inference happens here, harmlessly
                 self._run(self.schedules[m], xs, ys)
             ex.optimizer.zero_grad(set_to_none=True)

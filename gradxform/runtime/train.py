@@ -30,6 +30,9 @@ from .schedules import Schedule, make_schedule
 from .tied import TiedCopies
 
 
+PHASES = ("forward", "inversion", "recompute", "backward", "optimizer", "wait_recv", "wait_send")
+
+
 @dataclass
 class TrainConfig:
     schedule: Any = "auto"        # schedule text or a Schedule; auto: the one the model was compiled for
@@ -292,6 +295,7 @@ class Trainer:
             self._emit("on_epoch_start", sum(len(table.ticks) for table, _ in steps))
             epoch_start = time.perf_counter()
             busy_start = {j: ex.stats.busy_seconds for j, ex in self.executors.items()}
+            phases_start = {j: self._phases(ex) for j, ex in self.executors.items()}
             done = 0
 
             def on_tick(t: int) -> None:
@@ -324,6 +328,8 @@ class Trainer:
                       "peak_kept_bytes": {j: ex.stats.peak_kept_bytes for j, ex in self.executors.items()},
                       "peak_step_bytes": {j: ex.stats.peak_step_bytes for j, ex in self.executors.items()},
                       "busy_seconds": {j: ex.stats.busy_seconds - busy_start[j] for j, ex in self.executors.items()},
+                      "phases": {j: {k: v - phases_start[j].get(k, 0.0) for k, v in self._phases(ex).items()}
+                                 for j, ex in self.executors.items()},
                       "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size,
                       "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}
             record = self._gather(record)
@@ -337,6 +343,14 @@ class Trainer:
             plot(self.history, self.out / "training.png")
         self._emit("on_fit_end")
         return self.history
+
+    def _phases(self, ex: StageExecutor) -> dict[str, float]:
+        """Seconds so far in each part of a stage's work, and (one stage per rank) blocked on its
+        neighbours."""
+        out = {k: ex.stats.phases.get(k, 0.0) for k in PHASES[:-2]}
+        if len(self.transport.stages) == 1:
+            out.update(getattr(self.transport, "waits", {}))
+        return out
 
     def _set_lr(self) -> None:
         cfg = self.cfg

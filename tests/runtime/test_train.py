@@ -196,3 +196,14 @@ def test_bad_user_dataset(cli, tmp_path):
     code, _, err = cli("train", str(EXAMPLES / "mlp.py"), "--data", "no_such_module:load", "--epochs", "1",
                        "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "--data no_such_module:load" in err and "importable" in err
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_torch_pipelining_across_epochs_with_uneven_steps(tmp_path):
+    """11 micro-batches in steps of 4 give steps of 4, 4 and 3: each step size gets its own prepared
+    PipelineStage, epoch after epoch (one stage shared by both sizes failed in epoch 2)."""
+    r = run_cli("train", DIGITS, "--pass", "split{stages=2}", "--schedule", "1f1b", "--micro-batches", "4",
+                "--batch-size", "128", "--epochs", "2", "--nproc", "2", "--no-progress", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [m["epoch"] for m in metrics(tmp_path)] == [1, 2]

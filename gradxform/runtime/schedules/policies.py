@@ -50,7 +50,8 @@ class GraphPolicy(Policy):
         keep = Kept()
         inputs = detach_tree(message["activations"], grad=True)
         keep.weights = ex.weight_copies(grad=True) if self.snapshot else None
-        with torch.enable_grad(), ex.counting(keep), transient_graph() if self.transient else nullcontext():
+        with torch.enable_grad(), ex.counting(keep), transient_graph() if self.transient else nullcontext(), \
+                ex.phase("forward"):
             out = ex.call(inputs, keep.weights)
             if ex.last:
                 out = ex.model_loss(out, target)
@@ -60,7 +61,8 @@ class GraphPolicy(Policy):
 
     def backward(self, ex: StageExecutor, mb: int, message: Message | None) -> Message | None:
         keep = ex.take(mb)
-        backward_from(keep.outputs, None if ex.last else message["gradients"])
+        with ex.phase("backward"):
+            backward_from(keep.outputs, None if ex.last else message["gradients"])
         if keep.weights is not None:
             ex.add_copy_grads(keep.weights)
         ex.accumulated()
@@ -82,7 +84,7 @@ class RecomputePolicy(Policy):
         inputs = message["activations"]
         if self.name != "invert":
             keep.rng = torch.get_rng_state()
-        with torch.no_grad():
+        with torch.no_grad(), ex.phase("forward"):
             out = ex.call(inputs)
         if self.name != "invert":
             keep.inputs = detach_tree(inputs, grad=False)
@@ -93,13 +95,19 @@ class RecomputePolicy(Policy):
 
     def backward(self, ex: StageExecutor, mb: int, message: Message | None) -> Message | None:
         keep = ex.take(mb)
-        inputs = ex.inverse(*message["activations"]) if self.name == "invert" else keep.inputs
+        if self.name == "invert":
+            with ex.phase("inversion"):
+                inputs = ex.inverse(*message["activations"])
+        else:
+            inputs = keep.inputs
         inputs = detach_tree(inputs, grad=True)
         weights = {k: w.requires_grad_(True) for k, w in keep.weights.items()} if keep.weights else None
         # backpropagated at once: reversible chains and stored-input blocks need not recompute again
         with torch.enable_grad(), replayed(keep.rng), frozen_buffers(ex.module), transient_graph():
-            out = ex.call(inputs, weights)
-            backward_from(out, message["gradients"])
+            with ex.phase("recompute"):
+                out = ex.call(inputs, weights)
+            with ex.phase("backward"):
+                backward_from(out, message["gradients"])
         if weights is not None:
             ex.add_copy_grads(weights)
         ex.accumulated()
