@@ -37,10 +37,11 @@ def asynchronous(name: str, J: int, M: int, accumulate: int) -> TickTable:
                 if _updates(done[j], accumulate, b == M - 1):
                     acts.append(Action("update"))
             if 0 <= t - j < M:
-                # The last stage computes the loss of what it forwards: forward first. The others
-                # backward first, so they never hold more than 2(J-1-j) micro-batches.
-                fwd = Action("forward", t - j)
-                acts = [fwd] + acts if j == J - 1 else acts + [fwd]
+                # Forward first: it needs nothing from a later stage, so the next stage can start on it
+                # while this one waits for its backward message (backward first would make every tick a
+                # barrier between neighbours). The forward and the backward of a tick see the same
+                # weights, as in PETRA's parallel formulation; the update comes after both.
+                acts = [Action("forward", t - j)] + acts
             row[j] = acts
     return table(name, J, M, ticks)
 
