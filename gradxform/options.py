@@ -371,7 +371,7 @@ def parse_domain(text: str, at: int, value: str, tp: Any, where: str) -> str | C
     if not low_text.strip():
         raise PipelineError(f"{where}: the range has no low end" + caret(text, at), hint="write lo..hi")
     if not high_text.strip():
-        raise PipelineError(f"{where}: the range has no high end" + caret(text, high_at - 1, 2), hint="write lo..hi")
+        raise PipelineError(f"{where}: the range has no high end" + caret(text, high_at - 2, 2), hint="write lo..hi")
     low = _typed(low_text.strip(), kind, text, at + _lead(low_text), where)
     high = _typed(high_text.strip(), kind, text, high_at + _lead(high_text), where)
     log = scale.strip() == "log"

@@ -27,6 +27,7 @@ from ..search import report
 from ..search.objectives import OBJECTIVES, parse_objectives
 from ..search.space import parse_space
 from ..search.study import fail_stale, open_storage, optuna_module, rows, study_id
+from ..search.worker import make_job
 
 PRUNERS = ("auto", "median", "halving", "hyperband", "dominated", "none")
 OPTUNA_PRUNERS = ("median", "halving", "hyperband")
@@ -119,12 +120,10 @@ def cmd_search(a: argparse.Namespace) -> int:
               "data": a.data, "seed": a.seed}
     study = _study(optuna, storage, a, objectives, wanted)
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
-    job = {"storage": storage_url, "study": a.study, "space": space.to_json(), "objectives": objectives,
-           "trials": a.trials, "epochs": a.epochs, "seed": a.seed, "sampler": a.sampler,
-           "startup_trials": a.startup_trials, "pruner": pruner, "margin": a.prune_margin,
-           "from_epoch": a.prune_from_epoch, "out": str(out),
-           "trial": {"target": a.target, "epochs": a.epochs, "data": a.data, "seed": a.seed, "threads": threads,
-                     "input_shapes": a.input_shape or [], "tracer": a.tracer}}
+    job = make_job(storage=storage_url, study=a.study, space=space, objectives=objectives, trials=a.trials,
+                   epochs=a.epochs, out=str(out), target=a.target, data=a.data, seed=a.seed, sampler=a.sampler,
+                   startup_trials=a.startup_trials, pruner=pruner, margin=a.prune_margin,
+                   from_epoch=a.prune_from_epoch, threads=threads, input_shapes=a.input_shape, tracer=a.tracer)
     (out / "search.json").write_text(json.dumps({"command": "gradxform " + " ".join(a.argv), **job}, indent=1) + "\n")
     print(f"search     {a.target}: {a.trials} trials of {a.epochs} epochs, {a.workers} worker(s) x {threads} "
           f"thread(s), objectives {', '.join(f'{o} ({OBJECTIVES[o].direction})' for o in objectives)}")

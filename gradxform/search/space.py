@@ -24,11 +24,12 @@ torch nor the registries.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from ..errors import PipelineError, did_you_mean
+from ..errors import GradxformError, PipelineError, did_you_mean
 from ..options import Choice, PipelineItem, Range, caret, option_types, parse_domain, parse_pipeline, split_top_level
 
 Value = Union[tuple, Choice, Range]   # fixed value texts (a list option may hold several), or a domain
@@ -42,6 +43,8 @@ NOT_SEARCHED = {
     "resume": "trials start afresh", "overwrite": "trials start afresh",
     "command": "recorded by the search", "run_id": "recorded by the search",
     "checkpoint_every": "a trial keeps only its last epoch's checkpoint",
+    "micro_batches": "a schedule option: search it as schedule{micro_batches=...}",
+    "accumulate": "a schedule option: search it as schedule{accumulate=...}",
 }
 
 
@@ -114,46 +117,51 @@ class Space:
         return n + sum(k.searched for g in self.shared for k in g.knobs) + (len(self.methods) > 1)
 
     # -- sampling ----------------------------------------------------------------------------------
-    def sample(self, trial: Any) -> Candidate:
-        """Draw a candidate with an Optuna trial's ``suggest_*`` (the parameter names say where a
-        value goes: ``method``, ``petra.stages``, ``dgl.train.lr``, ``train.lr``)."""
+    def knobs(self, method: Method) -> dict[str, tuple[str, Knob]]:
+        """Every knob a trial of ``method`` uses, by parameter name (``petra.stages``, ``train.lr``;
+        with several methods a method's own groups are prefixed by its label: ``dgl.train.lr``), with
+        the group it belongs to. Shared knobs the method sets itself are left out."""
         several = len(self.methods) > 1
-        method = self.methods[0]
-        if several:
-            labels = [m.label for m in self.methods]
-            method = self.methods[labels.index(trial.suggest_categorical("method", labels))]
-        params: dict[str, Any] = {"method": method.label} if several else {}
-
-        def draw(prefix: str, knob: Knob) -> str:
-            name = f"{prefix}.{knob.key}"
-            v = knob.value
-            if isinstance(v, tuple):
-                return ",".join(v)
-            if isinstance(v, Choice):
-                got = trial.suggest_categorical(name, list(v.texts))
-            elif v.integer:
-                got = trial.suggest_int(name, int(v.low), int(v.high), log=v.log)
-            else:
-                got = trial.suggest_float(name, v.low, v.high, log=v.log)
-            params[name] = got
-            return got if isinstance(got, str) else v.text(got)
-
-        def prefix(group: str) -> str:
-            if not several:
-                return group
-            return method.label if group == method.label else f"{method.label}.{group}"
-
-        parts, settings = [], {"train": {}, "schedule": {}}
+        out: dict[str, tuple[str, Knob]] = {}
+        own: set[tuple[str, str]] = set()
         for g in method.groups:
-            values = {k.key: draw(prefix(g.name), k) for k in g.knobs}
-            if g.name in GROUPS:
-                settings[g.name].update(values)
-            else:
-                parts.append(g.name + ("{" + ",".join(f"{k}={v}" for k, v in values.items()) + "}" if values else ""))
+            prefix = g.name if not several else method.label if g.name == method.label else f"{method.label}.{g.name}"
+            for k in g.knobs:
+                out[f"{prefix}.{k.key}"] = (g.name, k)
+                own.add((g.name, k.key))
         for g in self.shared:
             for k in g.knobs:
-                if k.key not in settings[g.name]:
-                    settings[g.name][k.key] = draw(g.name, k)
+                if (g.name, k.key) not in own:
+                    out[f"{g.name}.{k.key}"] = (g.name, k)
+        return out
+
+    def sample(self, trial: Any) -> Candidate:
+        """Draw a candidate with an Optuna trial's ``suggest_*`` (see :meth:`knobs` for the names)."""
+        method = self.methods[0]
+        if len(self.methods) > 1:
+            labels = [m.label for m in self.methods]
+            method = self.methods[labels.index(trial.suggest_categorical("method", labels))]
+        params: dict[str, Any] = {"method": method.label} if len(self.methods) > 1 else {}
+        drawn: dict[tuple[str, str], str] = {}
+        settings: dict[str, dict[str, str]] = {"train": {}, "schedule": {}}
+        for name, (group, knob) in self.knobs(method).items():
+            v = knob.value
+            if isinstance(v, tuple):
+                text = ",".join(v)
+            else:
+                if isinstance(v, Choice):
+                    got = trial.suggest_categorical(name, list(v.texts))
+                elif v.integer:
+                    got = trial.suggest_int(name, int(v.low), int(v.high), log=v.log)
+                else:
+                    got = trial.suggest_float(name, v.low, v.high, log=v.log)
+                params[name] = got
+                text = got if isinstance(got, str) else v.text(got)
+            if group in GROUPS:
+                settings[group][knob.key] = text
+            drawn[(group, knob.key)] = text
+        parts = [g.name + ("{" + ",".join(f"{k.key}={drawn[(g.name, k.key)]}" for k in g.knobs) + "}" if g.knobs else "")
+                 for g in method.passes]
         return Candidate(method.label, ",".join(parts) or None, settings["train"], settings["schedule"], params)
 
     # -- transport to the workers -----------------------------------------------------------------
@@ -283,8 +291,47 @@ def _group(item: PipelineItem, text: str) -> Group:
         value = parse_domain(text, positions[0], texts[0], types[key], where)
         if item.name == "train" and key == "schedule":
             _check_schedule_texts(value, text, positions[0], where)
+        else:
+            _check_admissible(item.name, key, value, types[key], text, positions[0], where)
         knobs.append(Knob(key, (value,) if isinstance(value, str) else value, at))
     return Group(item.name, tuple(knobs))
+
+
+def _check_admissible(group: str, key: str, value: Any, tp: Any, text: str, at: int, where: str) -> None:
+    """Each value a knob can take (a fixed value, every choice, both ends of a range: ranges include
+    their ends) passes the options' own checks, so that no trial fails on an option the space allows."""
+    from ..options import build_options, convert
+    from ..passes import COMPOSITES, PASSES
+
+    if isinstance(value, Range):
+        dots = text.find("..", at)
+        high = re.match(r"[^:,;}|]*", text[dots + 2:]).group().strip()
+        values = [(text[at:dots].strip(), at), (high, dots + 2)]
+    elif isinstance(value, Choice):
+        values, pos = [], at
+        for t in value.texts:
+            pos = text.find(t, pos)
+            values.append((t, pos))
+    else:
+        values = [(value, at)]
+    for t, pos in values:
+        try:
+            if group == "train":
+                from ..runtime.train import TrainConfig
+
+                TrainConfig(**{key: convert(t, tp)}).validate()
+            elif group == "schedule":
+                from ..runtime.schedules import SCHEDULES
+
+                for cls in SCHEDULES.values():
+                    if key in option_types(cls.Options):
+                        build_options(cls, {key: [t]}, what="schedule")
+            else:
+                target = COMPOSITES[group].routes[key] if group in COMPOSITES else group
+                build_options(PASSES[target], {key: [t]})
+        except (GradxformError, ValueError) as e:
+            message = getattr(e, "message", str(e)).split(": ", 1)[-1].removeprefix("--")
+            raise PipelineError(f"{where}: {message}" + caret(text, pos, len(t)), hint=getattr(e, "hint", None)) from None
 
 
 def _check_schedule_texts(value: Any, text: str, at: int, where: str) -> None:

@@ -27,6 +27,18 @@ from .space import Space
 from .study import HEARTBEAT_S, beat, fail_stale, open_storage, optuna_module, study_id
 
 
+def make_job(*, storage: str, study: str, space: Space, objectives: list[str], trials: int, epochs: int, out: str,
+             target: str, data: str = "digits", seed: int = 0, sampler: str = "tpe", startup_trials: int = 4,
+             pruner: str = "none", margin: float = 0.02, from_epoch: int = 2, threads: int = 1,
+             input_shapes: list[str] | None = None, tracer: str = "auto") -> dict[str, Any]:
+    """Everything a worker needs (written to ``--out/search.json`` and read by every worker)."""
+    return {"storage": storage, "study": study, "space": space.to_json(), "objectives": objectives, "trials": trials,
+            "epochs": epochs, "seed": seed, "sampler": sampler, "startup_trials": startup_trials, "pruner": pruner,
+            "margin": margin, "from_epoch": from_epoch, "out": out,
+            "trial": {"target": target, "epochs": epochs, "data": data, "seed": seed, "threads": threads,
+                      "input_shapes": list(input_shapes or []), "tracer": tracer}}
+
+
 class TrialCrashed(Exception):
     """The trial's process raised or died: the trial is recorded as failed, the study goes on."""
 
