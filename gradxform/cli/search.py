@@ -88,8 +88,8 @@ def check(a: argparse.Namespace) -> tuple[list[str], Any, str]:
     if pruner == "dominated" and "acc" not in objectives:
         raise GradxformError("--pruner dominated judges per-epoch accuracy, and acc is not an objective",
                              hint="add acc to --objectives, or use --pruner none")
+    optuna_module()
     try:
-        optuna_module()
         space = parse_space(a.space)
     except GradxformError as e:
         raise GradxformError(f"--space: {e.message}", hint=e.hint) from None

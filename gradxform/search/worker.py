@@ -61,7 +61,7 @@ def make_pruner(job: dict[str, Any]) -> Any:
     optuna = optuna_module()
     first = job["from_epoch"]
     if job["pruner"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=job["startup_trials"], n_warmup_steps=first - 1)
+        return optuna.pruners.MedianPruner(n_startup_trials=job["startup_trials"], n_warmup_steps=first)
     if job["pruner"] == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=first)
     if job["pruner"] == "hyperband":
@@ -201,7 +201,9 @@ def work(job: dict[str, Any], index: int) -> int:
     storage = open_storage(job["storage"])
     study = optuna.load_study(study_name=job["study"], storage=storage, sampler=make_sampler(job, index),
                               pruner=make_pruner(job))
-    if len(storage.get_all_trials(study_id(storage, job["study"]), deepcopy=False)) >= job["trials"]:
+    # trials count once started (enqueued ones still WAITING are not trials yet)
+    counted = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
+    if len(storage.get_all_trials(study_id(storage, job["study"]), deepcopy=False, states=counted)) >= job["trials"]:
         return 0
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["gradxform.search.trial"])
@@ -211,7 +213,7 @@ def work(job: dict[str, Any], index: int) -> int:
         ran[0] += 1
 
     study.optimize(Objective(job, index, storage, context), catch=(TrialCrashed,), gc_after_trial=False,
-                   callbacks=[count, optuna.study.MaxTrialsCallback(job["trials"], states=None)])
+                   callbacks=[count, optuna.study.MaxTrialsCallback(job["trials"], states=counted)])
     return ran[0]
 
 
