@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import threading
 import traceback
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .. import api
 from ..errors import GradxformError
@@ -94,6 +96,9 @@ def run(spec: dict[str, Any], conn: Any) -> None:
     with open(spec["log"], "a") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+    # tqdm (torch.fx's interpreter draws one) would make a multiprocessing lock, which a process that
+    # ends as a multiprocessing child leaves to the resource tracker to clean up, with a warning
+    tqdm.set_lock(threading.RLock())
     try:
         torch.set_num_threads(spec["threads"])
         _, cfg = train(spec, [SendEpochs(conn)])
