@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from ..errors import GradxformError, PipelineError, did_you_mean
-from ..options import Choice, PipelineItem, Range, caret, option_types, parse_domain, parse_pipeline, split_top_level
+from ..options import (Choice, PipelineItem, Range, build_options, caret, convert, option_types, parse_domain,
+                       parse_pipeline, split_top_level)
 
 Value = Union[tuple, Choice, Range]   # fixed value texts (a list option may hold several), or a domain
 GROUPS = ("train", "schedule")        # the groups that are not passes
@@ -300,7 +301,6 @@ def _group(item: PipelineItem, text: str) -> Group:
 def _check_admissible(group: str, key: str, value: Any, tp: Any, text: str, at: int, where: str) -> None:
     """Each value a knob can take (a fixed value, every choice, both ends of a range: ranges include
     their ends) passes the options' own checks, so that no trial fails on an option the space allows."""
-    from ..options import build_options, convert
     from ..passes import COMPOSITES, PASSES
 
     if isinstance(value, Range):
