@@ -118,22 +118,25 @@ class Space:
         return n + sum(k.searched for g in self.shared for k in g.knobs) + (len(self.methods) > 1)
 
     # -- sampling ----------------------------------------------------------------------------------
-    def knobs(self, method: Method) -> dict[str, tuple[str, Knob]]:
+    def knobs(self, method: Method) -> dict[str, tuple[int, Knob]]:
         """Every knob a trial of ``method`` uses, by parameter name (``petra.stages``, ``train.lr``;
-        with several methods a method's own groups are prefixed by its label: ``dgl.train.lr``), with
-        the group it belongs to. Shared knobs the method sets itself are left out."""
+        with several methods a method's own groups are prefixed by its label: ``dgl.train.lr``; a
+        pass's second use in one pipeline is ``lowrank#2``), with the index of its group in
+        ``method.groups`` (-1: a shared group). Shared knobs the method sets itself are left out."""
         several = len(self.methods) > 1
-        out: dict[str, tuple[str, Knob]] = {}
-        own: set[tuple[str, str]] = set()
-        for g in method.groups:
-            prefix = g.name if not several else method.label if g.name == method.label else f"{method.label}.{g.name}"
+        out: dict[str, tuple[int, Knob]] = {}
+        uses: dict[str, int] = {}
+        for i, g in enumerate(method.groups):
+            uses[g.name] = uses.get(g.name, 0) + 1
+            name = g.name if uses[g.name] == 1 else f"{g.name}#{uses[g.name]}"
+            prefix = name if not several else method.label if name == method.label else f"{method.label}.{name}"
             for k in g.knobs:
-                out[f"{prefix}.{k.key}"] = (g.name, k)
-                own.add((g.name, k.key))
+                out[f"{prefix}.{k.key}"] = (i, k)
+        own = {(g.name, k.key) for g in method.groups if g.name in GROUPS for k in g.knobs}
         for g in self.shared:
             for k in g.knobs:
                 if (g.name, k.key) not in own:
-                    out[f"{g.name}.{k.key}"] = (g.name, k)
+                    out[f"{g.name}.{k.key}"] = (-1, k)
         return out
 
     def sample(self, trial: Any) -> Candidate:
@@ -143,9 +146,9 @@ class Space:
             labels = [m.label for m in self.methods]
             method = self.methods[labels.index(trial.suggest_categorical("method", labels))]
         params: dict[str, Any] = {"method": method.label} if len(self.methods) > 1 else {}
-        drawn: dict[tuple[str, str], str] = {}
+        drawn: dict[tuple[int, str], str] = {}
         settings: dict[str, dict[str, str]] = {"train": {}, "schedule": {}}
-        for name, (group, knob) in self.knobs(method).items():
+        for name, (i, knob) in self.knobs(method).items():
             v = knob.value
             if isinstance(v, tuple):
                 text = ",".join(v)
@@ -158,11 +161,12 @@ class Space:
                     got = trial.suggest_float(name, v.low, v.high, log=v.log)
                 params[name] = got
                 text = got if isinstance(got, str) else v.text(got)
+            group = method.groups[i].name if i >= 0 else name.split(".")[0]
             if group in GROUPS:
                 settings[group][knob.key] = text
-            drawn[(group, knob.key)] = text
-        parts = [g.name + ("{" + ",".join(f"{k.key}={drawn[(g.name, k.key)]}" for k in g.knobs) + "}" if g.knobs else "")
-                 for g in method.passes]
+            drawn[(i, knob.key)] = text
+        parts = [g.name + ("{" + ",".join(f"{k.key}={drawn[(i, k.key)]}" for k in g.knobs) + "}" if g.knobs else "")
+                 for i, g in enumerate(method.groups) if g.name not in GROUPS]
         return Candidate(method.label, ",".join(parts) or None, settings["train"], settings["schedule"], params)
 
     # -- transport to the workers -----------------------------------------------------------------

@@ -95,6 +95,14 @@ def test_method_group_wins_over_shared_group():
             assert 0.01 <= float(c.train["lr"]) <= 0.02 and "train.lr" in c.params
 
 
+def test_a_pass_used_twice_has_its_own_parameters():
+    space = parse_space("lowrank{rank=0.1..0.2,only=a*},lowrank{rank=0.3..0.4,only=b*}")
+    for c in _sample_many(space, 10):
+        first, second = c.params["lowrank.rank"], c.params["lowrank#2.rank"]
+        assert 0.1 <= first <= 0.2 and 0.3 <= second <= 0.4
+        assert c.pipeline == f"lowrank{{rank={first!r},only=a*}},lowrank{{rank={second!r},only=b*}}"
+
+
 def test_sampled_values_render_exactly():
     (c,) = _sample_many(parse_space("train{lr=1e-3..1e-1:log}"), 1)
     assert float(c.train["lr"]) == c.params["train.lr"]  # repr of a float reads back to the same float
