@@ -27,6 +27,7 @@ from ..search import report
 from ..search.objectives import OBJECTIVES, parse_objectives
 from ..search.space import parse_space
 from ..search.study import fail_stale, open_storage, optuna_module, rows, study_id
+from ..search.process import die_with_parent
 from ..search.worker import make_job
 
 PRUNERS = ("auto", "median", "halving", "hyperband", "dominated", "none")
@@ -201,10 +202,12 @@ def _run_workers(a: argparse.Namespace, out: Path, storage: Any, study: Any) -> 
     for i in range(a.workers):
         log = open(logs / f"worker-{i}.log", "a")
         procs.append((subprocess.Popen([sys.executable, "-m", "gradxform.search.worker", str(out / "search.json"), str(i)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True), log))
+                                       stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=lambda: die_with_parent(signal.SIGTERM)), log))
     sid = study_id(storage, a.study)
     node = os.uname().nodename
     interrupted = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: workers first, then the tables
     bar = tqdm(total=a.trials, desc="trials", unit="trial", dynamic_ncols=True,
                disable=True if a.no_progress else None, file=sys.stderr)
     try:
@@ -220,9 +223,9 @@ def _run_workers(a: argparse.Namespace, out: Path, storage: Any, study: Any) -> 
                 if code not in (0, 130):
                     why = f"stopped with exit code {code}" if code > 0 else f"was killed by {signal.Signals(-code).name}"
                     lost = fail_stale(storage, a.study, worker=f"{node}:{p.pid}", why=why)
-                    bar.write(f"worker {procs.index((p, log))} {why}"
-                              + (f" (trial {', '.join(map(str, lost))} lost)" if lost else "")
-                              + f"; see {logs / f'worker-{procs.index((p, log))}.log'}")
+                    i = procs.index((p, log))
+                    bar.write(f"worker {i} {why}" + (f" (trial {', '.join(map(str, lost))} lost)" if lost else "")
+                              + f"; see {logs / f'worker-{i}.log'}", file=sys.stderr)
             _progress(bar, storage.get_all_trials(sid, deepcopy=False), a.trials)
     except KeyboardInterrupt:
         interrupted = True
@@ -237,10 +240,15 @@ def _run_workers(a: argparse.Namespace, out: Path, storage: Any, study: Any) -> 
             log.close()
     finally:
         bar.close()
+        signal.signal(signal.SIGTERM, previous)
     if interrupted:
         print("interrupted: stopped the workers; continue with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _interrupt(sig: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _progress(bar: Any, trials: list, total: int) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import threading
 import traceback
 from typing import Any
@@ -25,6 +24,7 @@ from ..errors import GradxformError
 from ..options import convert, option_types
 from ..runtime.schedules import make_schedule
 from ..runtime.train import Callback, TrainConfig, Trainer
+from .process import die_with_parent
 from .space import knob_types
 
 # what an epoch record sends back (the rest stays in the trial's metrics.jsonl)
@@ -92,7 +92,7 @@ def train(spec: dict[str, Any], callbacks: list[Callback]) -> tuple[list[dict], 
 
 def run(spec: dict[str, Any], conn: Any) -> None:
     """The trial process's body: output to the trial's log, results and errors through ``conn``."""
-    _die_with_parent()
+    die_with_parent()
     with open(spec["log"], "a") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -111,13 +111,3 @@ def run(spec: dict[str, Any], conn: Any) -> None:
         conn.send({"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"})
     finally:
         conn.close()
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: SIGKILL this process when its parent (the fork server) dies."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass

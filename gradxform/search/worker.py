@@ -129,6 +129,9 @@ class Objective:
                 if reason:
                     trial.set_user_attr("pruned", reason)
                     raise optuna.TrialPruned(reason)
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted: its worker was stopped")
+            raise
         finally:
             if proc.is_alive():
                 proc.terminate()

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
 
+from gradxform.search.study import open_storage, study_id
 from tests.conftest import EXAMPLES, ROOT, run_cli
 
 MLP = str(EXAMPLES / "mlp.py")
@@ -66,6 +69,37 @@ def test_two_workers_on_a_journal_then_rerun_and_resume(tmp_path):
     assert len(json.loads((out / "trials.json").read_text())["trials"]) == more
     r = run_cli("search", MLP, "--space", "dgl{stages=2}", "--epochs", "2", "--out", str(out), "--resume")
     assert r.returncode == 2 and "--resume: the study 'search' was started with other settings: space:" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_worker_loses_only_its_running_trial(tmp_path):
+    out = tmp_path / "search"
+    cmd = [sys.executable, "-m", "gradxform", "search", MLP, "--space", SPACE, "--trials", "4", "--workers", "2",
+           "--epochs", "3", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    storage = None
+    victim = None
+    deadline = time.monotonic() + 300
+    while victim is None and time.monotonic() < deadline:  # the first trial that has started training
+        time.sleep(0.5)
+        if not (out / "study.journal").exists():
+            continue
+        storage = storage or open_storage(f"journal:{out / 'study.journal'}")
+        for t in storage.get_all_trials(study_id(storage, "search"), deepcopy=False):
+            if t.state.name == "RUNNING" and "curve" in t.user_attrs:
+                victim = t
+    assert victim is not None
+    worker = victim.user_attrs["worker"]
+    os.kill(int(worker.split(":")[1]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert f"was killed by SIGKILL (trial {victim.number} lost)" in stderr
+    trials = {t["number"]: t for t in json.loads((out / "trials.json").read_text())["trials"]}
+    assert trials[victim.number]["state"] == "fail"
+    assert trials[victim.number]["error"] == f"its worker {worker} was killed by SIGKILL"
+    others = [t for n, t in trials.items() if n != victim.number]
+    assert len(trials) >= 4 and all(t["state"] in ("complete", "pruned") for t in others)
 
 
 # -- bad input ---------------------------------------------------------------------------------------
