@@ -5,6 +5,10 @@ by commas; options go in braces as ``key=value``; a list option takes further ba
 (``split{at=layer2,layer3}``). A name is letters, digits, ``-`` and ``_`` and may start with a digit
 (the ``1f1b`` schedule). Errors point at the character and suggest the nearest name.
 
+A search space (``gradxform search``) is the same text with two additions, parsed by the same code:
+an option's value may be a *domain* -- ``2..4`` or ``1e-3..1e-1:log`` (a range, both ends included),
+``32|64|128`` (a choice) -- and ``;`` separates alternatives (:func:`split_top_level`).
+
 Options are dataclasses whose fields are made with :func:`option` (a default and the one-line doc that
 ``gradxform passes`` and ``gradxform schedules`` print); the field's type annotation decides how the
 text is parsed (``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, unions, ``tuple[T, ...]``).
@@ -132,6 +136,7 @@ class PipelineItem:
     options: dict[str, list[str]]   # raw text values
     position: int                   # where the name starts in the text
     option_positions: dict[str, int] = field(default_factory=dict)
+    value_positions: dict[str, list[int]] = field(default_factory=dict)  # where each raw value starts
 
 
 def caret(text: str, pos: int, width: int = 1) -> str:
@@ -142,10 +147,13 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
-def parse_pipeline(text: str, what: str = "pass") -> list[PipelineItem]:
-    """Split pipeline text into items (names and raw option values), checking its syntax."""
+def parse_pipeline(text: str, what: str = "pass", start: int = 0, end: int | None = None) -> list[PipelineItem]:
+    """Split pipeline text into items (names and raw option values), checking its syntax.
+
+    ``start``/``end`` parse one span of ``text`` (an alternative of a search space); positions and
+    carets stay those of the whole text."""
     items: list[PipelineItem] = []
-    i, n = 0, len(text)
+    i, n = start, len(text) if end is None else end
 
     def skip_ws() -> None:
         nonlocal i
@@ -168,7 +176,7 @@ def parse_pipeline(text: str, what: str = "pass") -> list[PipelineItem]:
         skip_ws()
         if i < n and text[i] == "{":
             close = _matching(text, i)
-            if close < 0:
+            if close < 0 or close >= n:
                 raise PipelineError("unclosed '{'" + caret(text, i), hint="close the options with '}'")
             _parse_options(text, i + 1, close, item)
             i = close + 1
@@ -194,16 +202,22 @@ def _matching(text: str, open_at: int) -> int:
     return -1
 
 
-def _top_level_parts(body: str) -> list[str]:
-    """``body`` split at the commas outside nested braces."""
-    parts, depth, start = [], 0, 0
-    for k, ch in enumerate(body):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if ch == "," and depth == 0:
-            parts.append(body[start:k])
-            start = k + 1
-    parts.append(body[start:])
-    return parts
+def _top_level_parts(body: str, sep: str = ",") -> list[str]:
+    """``body`` split at the ``sep`` outside nested braces."""
+    return [body[a:b] for a, b in split_top_level(body, sep)]
+
+
+def split_top_level(text: str, sep: str, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """The spans ``(start, end)`` of ``text[start:end]`` between the ``sep`` outside braces."""
+    end = len(text) if end is None else end
+    spans, depth, at = [], 0, start
+    for k in range(start, end):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if text[k] == sep and depth == 0:
+            spans.append((at, k))
+            at = k + 1
+    spans.append((at, end))
+    return spans
 
 
 def _parse_options(text: str, start: int, end: int, item: PipelineItem) -> None:
@@ -225,12 +239,18 @@ def _parse_options(text: str, start: int, end: int, item: PipelineItem) -> None:
                 raise PipelineError(f"option '{key}' has no value" + caret(text, at, len(raw)))
             item.options[key] = [value]
             item.option_positions[key] = at
+            item.value_positions[key] = [at + raw.index("=") + 1 + _lead(raw.partition("=")[2])]
             last_key = key
         elif last_key is None:
             raise PipelineError(f"'{raw}' has no option name" + caret(text, at, len(raw)),
                                 hint="write key=value")
         else:  # a further value of a list option: split{at=layer2,layer3}
             item.options[last_key].append(raw)
+            item.value_positions[last_key].append(at)
+
+
+def _lead(s: str) -> int:
+    return len(s) - len(s.lstrip())
 
 
 def build_options(cls: Any, raw: dict[str, list[str]], text: str = "",
@@ -269,3 +289,114 @@ def validated(cls: Any, options: Any, what: str = "pass") -> Any:
         except ValueError as e:
             raise PipelineError(f"options of {what} '{cls.name}': {e}") from None
     return options
+
+
+# ------------------------------------------------------------------------------- search domains
+
+@dataclass(frozen=True)
+class Choice:
+    """``a|b|c``: one of the values, kept as written (each is checked against the option's type)."""
+
+    texts: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "|".join(self.texts)
+
+
+@dataclass(frozen=True)
+class Range:
+    """``low..high`` (both included), ``:log`` for uniform in log space; integer for int options."""
+
+    low: float
+    high: float
+    integer: bool
+    log: bool = False
+
+    def __str__(self) -> str:
+        text = f"{self.low!r}..{self.high!r}" if not self.integer else f"{int(self.low)}..{int(self.high)}"
+        return text + (":log" if self.log else "")
+
+    def text(self, value: float) -> str:
+        """A sampled value as option text (``repr`` of a float reads back to the same float)."""
+        return str(int(value)) if self.integer else repr(float(value))
+
+
+def numeric_kind(tp: Any) -> type | None:
+    """``int`` or ``float`` when ``tp`` is one (or an optional one), else None: what a range needs."""
+    if tp in (int, float):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        kinds = {a for a in get_args(tp) if a is not type(None)}
+        if len(kinds) == 1:
+            return numeric_kind(kinds.pop())
+    return None
+
+
+def parse_domain(text: str, at: int, value: str, tp: Any, where: str) -> str | Choice | Range:
+    """A searched option value: the value text itself when it is one value, a :class:`Choice` or a
+    :class:`Range`, each part checked against ``tp``. ``value`` starts at ``at`` in ``text`` (carets
+    point into ``text``); ``where`` names the option in messages (``option 'lr' of 'train'``)."""
+    choices = split_top_level(value, "|")
+    dots = _top_level_find(value, "..")
+    if len(choices) > 1 and dots >= 0:
+        raise PipelineError(f"{where}: a value is a range or a choice, not both" + caret(text, at + dots, 2),
+                            hint="write lo..hi or a|b|c")
+    if len(choices) > 1:
+        texts = []
+        for a, b in choices:
+            part = value[a:b].strip()
+            pos = at + a + _lead(value[a:b])
+            if not part:
+                raise PipelineError(f"{where}: empty choice" + caret(text, at + a if a < len(value) else at + a - 1),
+                                    hint="write a|b|c")
+            if part in texts:
+                raise PipelineError(f"{where}: choice '{part}' given twice" + caret(text, pos, len(part)))
+            _typed(part, tp, text, pos, where)
+            texts.append(part)
+        return Choice(tuple(texts))
+    if dots < 0:
+        _typed(value, tp, text, at, where)
+        return value
+    kind = numeric_kind(tp)
+    if kind is None:
+        raise PipelineError(f"{where}: a range needs a number option, this one is {type_name(tp)}"
+                            + caret(text, at, len(value)), hint="choose among values with a|b|c")
+    low_text, rest = value[:dots], value[dots + 2:]
+    high_text, colon, scale = rest.partition(":")
+    high_at = at + dots + 2
+    if scale.strip() not in ("", "log") or (colon and not scale.strip()):
+        pos = high_at + len(high_text) + 1
+        raise PipelineError(f"{where}: unknown range scale '{scale.strip()}'" + caret(text, pos, max(1, len(scale))),
+                            hint="lo..hi (uniform) or lo..hi:log")
+    if not low_text.strip():
+        raise PipelineError(f"{where}: the range has no low end" + caret(text, at), hint="write lo..hi")
+    if not high_text.strip():
+        raise PipelineError(f"{where}: the range has no high end" + caret(text, high_at - 2, 2), hint="write lo..hi")
+    low = _typed(low_text.strip(), kind, text, at + _lead(low_text), where)
+    high = _typed(high_text.strip(), kind, text, high_at + _lead(high_text), where)
+    log = scale.strip() == "log"
+    if not low < high:
+        raise PipelineError(f"{where}: the range {low_text.strip()}..{high_text.strip()} is empty or reversed"
+                            + caret(text, at, len(value)), hint="the low end comes first and is smaller")
+    if log and low <= 0:
+        raise PipelineError(f"{where}: a log range needs a positive low end, got {low_text.strip()}"
+                            + caret(text, at, len(low_text)))
+    return Range(float(low) if kind is float else int(low), float(high) if kind is float else int(high),
+                 integer=kind is int, log=log)
+
+
+def _top_level_find(value: str, needle: str) -> int:
+    depth = 0
+    for k in range(len(value)):
+        depth += {"{": 1, "}": -1}.get(value[k], 0)
+        if depth == 0 and value.startswith(needle, k):
+            return k
+    return -1
+
+
+def _typed(value: str, tp: Any, text: str, at: int, where: str) -> Any:
+    try:
+        return convert(value, get_args(tp)[0] if is_list_type(tp) else tp)
+    except ValueError as e:
+        raise PipelineError(f"{where}: {e}, got '{value}'" + caret(text, at, len(value)),
+                            hint=type_name(tp)) from None

@@ -1,4 +1,4 @@
-"""``gradxform compile | passes | schedules | inspect | train | export``: argument handling and printing.
+"""``gradxform compile | passes | schedules | inspect | train | search | export``: argument handling and printing.
 
 Imports are lazy: ``gradxform passes`` and ``--help`` answer without importing torch.
 """
@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: torch.fx.symbolic_trace, falling back to torch.export")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (a line per epoch still)")
     t.set_defaults(func=cmd_train)
+
+    from .search import add_parser as add_search
+
+    add_search(sub)
 
     sc = sub.add_parser("schedules", help="list the training schedules and their options")
     sc.add_argument("name", nargs="?", help="show one schedule in full")
