@@ -161,5 +161,5 @@ def test_without_optuna_it_says_how_to_install(cli, tmp_path, monkeypatch):
     code, _, err = search(cli, tmp_path)
     assert code == 2
     assert err.splitlines() == ["error: gradxform search needs Optuna, which is not installed",
-                                "  hint: install it with: pip install -c constraints.txt 'gradxform[search]' "
-                                "(or pip install optuna)"]
+                                "  hint: it is one of gradxform's dependencies: reinstall with pip install -c "
+                                "constraints.txt -e ."]
