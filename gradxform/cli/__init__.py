@@ -280,6 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OIALR (lowrank{mode=usv}): truncate ranks every STEPS optimizer steps (0: never)")
     t.add_argument("--rank-warmup", type=int, default=0, metavar="STEPS", help="OIALR: steps before the first")
     t.add_argument("--rank-cutoff", type=float, default=0.1, help="OIALR: drop sigma < cutoff * sigma_max")
+    t.add_argument("--grow-every", type=int, default=0, metavar="EPOCHS",
+                   help="growth (after the grow pass): add neurons where the expressivity bottleneck is largest "
+                        "every EPOCHS epochs (0: never)")
+    t.add_argument("--grow-neurons", type=float, default=8,
+                   help="growth: new neurons per step, at most (< 1: a fraction of the pair's full width)")
+    t.add_argument("--grow-max", type=int, default=None, metavar="WIDTH",
+                   help="growth: hidden width cap per pair (default: the width before the grow pass)")
+    t.add_argument("--grow-budget", choices=("params", "flops"), default="params",
+                   help="growth: what --grow-limit counts")
+    t.add_argument("--grow-limit", type=float, default=None,
+                   help="growth: stop at this many parameters (or forward FLOPs per sample)")
     t.add_argument("--seed", type=int, default=0, help="initial weights, data order and every random draw")
     t.add_argument("--out", default=None, metavar="DIR",
                    help="metrics, plot and checkpoints (default: a new folder runs/MODEL-SCHEDULE-TIME)")

@@ -44,6 +44,8 @@ def config_from(a: argparse.Namespace) -> TrainConfig:
                        weight_decay=a.weight_decay, lr_schedule=a.lr_schedule, data=a.data, seed=a.seed, out=a.out,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, overwrite=a.overwrite,
                        rank_every=a.rank_every, rank_warmup=a.rank_warmup, rank_cutoff=a.rank_cutoff,
+                       grow_every=a.grow_every, grow_neurons=a.grow_neurons, grow_max=a.grow_max,
+                       grow_budget=a.grow_budget, grow_limit=a.grow_limit,
                        command=" ".join(["gradxform", *a.argv]))
 
 
@@ -111,8 +113,13 @@ class Reporter(Callback):
             self.bar.close()
             self.bar = None
         if self.show:
+            grown = record.get("growth")
+            note = ""
+            if grown:
+                note = ("; grew " + ", ".join(f"{p['pair']} {p['hidden'][0]}->{p['hidden'][1]}" for p in grown["pairs"])
+                        if grown["grown"] else f"; no growth: {grown['reason']}")
             print(f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, test accuracy "
-                  f"{record['test_accuracy']:.2%} ({record['wall_time']:.1f}s)", flush=True)
+                  f"{record['test_accuracy']:.2%} ({record['wall_time']:.1f}s){note}", flush=True)
 
 
 class KillAt(Callback):

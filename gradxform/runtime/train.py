@@ -20,10 +20,13 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..errors import GradxformError
+from ..nn.growth import GrowthConfig
 from ..nn.lowrank import AdaptiveRank, resize_usv
 from .data import tensors_of
+from .callbacks import Callback
 from .checkpoint import CheckpointError, Checkpoints, RunFolder, write_atomic
 from .engine import InProcess, Transport, evaluate, run_schedule
+from .growth import Growth
 from .executor import StageExecutor
 from .losses import classification_loss
 from .schedules import Schedule, make_schedule
@@ -52,6 +55,11 @@ class TrainConfig:
     rank_every: int = 0           # OIALR: truncate USV layers every N optimizer steps (0: never)
     rank_warmup: int = 0          # OIALR: optimizer steps before the first truncation
     rank_cutoff: float = 0.1      # OIALR: drop singular values below cutoff * sigma_max
+    grow_every: int = 0           # growth: a growth step every N epochs (0: never)
+    grow_neurons: float = 8       # growth: new neurons per step, at most (< 1: a fraction of the pair's cap)
+    grow_max: int | None = None   # growth: hidden width cap per pair (None: the width before the grow pass)
+    grow_budget: str = "params"   # growth: what grow_limit counts (params | flops)
+    grow_limit: float | None = None  # growth: stop at this many parameters / FLOPs per sample
     resume: bool = False          # continue from the newest committed checkpoint in ``out``
     overwrite: bool = False       # replace a run already in ``out`` (without it, that is refused)
     command: str = ""             # the command line, recorded with the run
@@ -90,6 +98,8 @@ class TrainConfig:
             raise GradxformError(f"--rank-every cannot be used with --schedule {schedule.name}",
                                  hint="its stashed weight copies would no longer match truncated layers; "
                                       "use petra, dsp, backprop, gpipe or 1f1b")
+        if self.grow_every < 0 or self.grow_budget not in ("params", "flops"):
+            raise GradxformError("--grow-every must be 0 or more and --grow-budget params or flops")
         if self.lr_schedule not in ("cosine", "constant"):
             raise GradxformError(f"unknown --lr-schedule '{self.lr_schedule}'", hint="use cosine or constant")
         return schedule
@@ -129,29 +139,6 @@ def micro_batches(dataset: Any, size: int, seed: int, epoch: int, shuffle: bool 
     return [(x[order[i:i + size]], y[order[i:i + size]], order[i:i + size]) for i in range(0, stop, size)]
 
 
-class Callback:
-    """Hooks into :meth:`Trainer.fit`; every method is optional. The runtime prints nothing itself:
-    the CLI's reporter (a progress bar, a line per epoch) and the tests' probes are callbacks."""
-
-    def on_resume(self, trainer: Trainer) -> None:
-        """Training continues from the checkpoint of epoch ``trainer.epoch``."""
-
-    def on_epoch_start(self, trainer: Trainer, ticks: int) -> None:
-        """Epoch ``trainer.epoch + 1`` starts; its schedule has ``ticks`` ticks in all."""
-
-    def on_tick(self, trainer: Trainer, tick: int) -> None:
-        """A tick of the current epoch's schedule is done (counted from 0 within the epoch)."""
-
-    def on_save(self, trainer: Trainer) -> None:
-        """This process's stage files of epoch ``trainer.epoch`` are written; the epoch is not yet committed."""
-
-    def on_epoch_end(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        """The epoch's metrics (the same record on every rank)."""
-
-    def on_fit_end(self, trainer: Trainer) -> None:
-        """Training is complete: ``trainer.history`` holds every epoch's record."""
-
-
 class Trainer:
     """Trains the stages this process hosts; all stages with the in-process transport.
 
@@ -184,6 +171,11 @@ class Trainer:
                 self.adaptive[j] = AdaptiveRank(ex.module, ex.optimizer, cfg.rank_every, cfg.rank_warmup,
                                                 cfg.rank_cutoff)
                 ex.after_update.append(self.adaptive[j].step)
+        if cfg.grow_every:
+            growth = Growth(GrowthConfig(every=cfg.grow_every, neurons=cfg.grow_neurons, max_width=cfg.grow_max,
+                                         budget=cfg.grow_budget, limit=cfg.grow_limit))
+            growth.attach(self)
+            self.callbacks.append(growth)
         self.runner = None
         if len(self.transport.stages) < self.n:  # one stage per rank: the schedule may bring its own engine
             (j,) = self.transport.stages
@@ -209,7 +201,8 @@ class Trainer:
             self.checkpoints.write_stage(self.epoch, j, {
                 "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                 "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
-                "rng": torch.get_rng_state(), "config": config, "schedule": self.schedule.state_dict()})
+                "rng": torch.get_rng_state(), "config": config, "schedule": self.schedule.state_dict(),
+                "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None}})
         self._emit("on_save")
         self._barrier()  # every rank's stage file is on disk before rank 0 commits
         if self.rank0:
@@ -223,7 +216,9 @@ class Trainer:
             return False
         for j, ex in self.executors.items():
             state = self.checkpoints.read_stage(epoch, j)
-            if resize_usv(ex.module, state["module"]):  # ranks were truncated before the checkpoint
+            saved = state.get("callbacks", {})
+            resized = [cb.resize(ex.module, state["module"], saved.get(type(cb).__name__, {})) for cb in self.callbacks]
+            if resize_usv(ex.module, state["module"]) or any(resized):  # ranks truncated, or layers grown
                 ex.optimizer = make_optimizer(ex.module, self.cfg)
                 ex.refresh()
                 if j in self.adaptive:
@@ -240,6 +235,9 @@ class Trainer:
                                            "train afresh with --overwrite") from None
             torch.set_rng_state(state["rng"])
             self.schedule.load_state_dict(state.get("schedule", {}))
+            for cb in self.callbacks:
+                if type(cb).__name__ in saved:
+                    cb.load_state_dict(saved[type(cb).__name__])
         self.epoch, self.history = epoch, self.checkpoints.history(epoch)
         if self.rank0:  # the metrics of epochs after the checkpoint will be written again: drop them
             write_atomic(self.out / "metrics.jsonl",
@@ -314,6 +312,8 @@ class Trainer:
                                  on_tick=on_tick)
                 done += len(table.ticks)
             self.schedule.end_epoch(self)
+            for cb in self.callbacks:
+                cb.after_training(self, batches)
             train_seconds = time.perf_counter() - epoch_start
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
@@ -332,6 +332,8 @@ class Trainer:
                                  for j, ex in self.executors.items()},
                       "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size,
                       "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}
+            for cb in self.callbacks:
+                record.update(cb.metrics())
             record = self._gather(record)
             self.history.append(record)
             if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs:
