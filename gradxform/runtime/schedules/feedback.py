@@ -60,7 +60,8 @@ class FeedbackPolicy(Policy):
         keep = Kept()
         inputs = detach_tree(message["activations"], grad=False)
         e = self.schedule.error_for(ex, mb, message, target)
-        with torch.enable_grad(), ex.counting(keep), transient_graph(), feedback_errors(ex.module, e):
+        with torch.enable_grad(), ex.counting(keep), transient_graph(), feedback_errors(ex.module, e), \
+                ex.phase("forward"):
             out = ex.call(inputs)
             if ex.last:
                 out = logits_of(out)
@@ -74,7 +75,7 @@ class FeedbackPolicy(Policy):
 
     def backward(self, ex: StageExecutor, mb: int, message: Message | None) -> Message | None:
         keep = ex.take(mb)
-        with torch.enable_grad():
+        with torch.enable_grad(), ex.phase("backward"):
             if ex.last:
                 keep.outputs.backward()
                 self.schedule.record(ex, mb, *keep.inputs)

@@ -30,14 +30,14 @@ class LocalPolicy(Policy):
     def forward(self, ex: StageExecutor, mb: int, message: Message, target: Any) -> Message | None:
         keep = Kept()
         inputs = detach_tree(message["activations"], grad=False)
-        with torch.enable_grad(), ex.counting(keep), transient_graph():  # backpropagated in this tick
+        with torch.enable_grad(), ex.counting(keep), transient_graph(), ex.phase("forward"):  # backward: this tick
             out = ex.call(inputs)
             keep.outputs, _ = ex.head_loss(out, target, detach=False)
         ex.keep(mb, keep)
         return {"activations": detached(out)}
 
     def backward(self, ex: StageExecutor, mb: int, message: Message | None) -> Message | None:
-        with torch.enable_grad():
+        with torch.enable_grad(), ex.phase("backward"):
             ex.take(mb).outputs.backward()
         ex.accumulated()
         return None
