@@ -108,6 +108,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 def cmd_passes(a: argparse.Namespace) -> int:
     from ..passes import COMPOSITES, PASSES, describe_pass
+
     if a.name:
         d = describe_pass(a.name)
         print(f"{d['name']}: {d['summary']}")
@@ -120,20 +121,22 @@ def cmd_passes(a: argparse.Namespace) -> int:
             print("  " + "\n  ".join(line.strip() for line in d["doc"].splitlines()))
         if "preserves_function" in d:
             print(f"\n  preserves the model's function: {'yes' if d['preserves_function'] else 'no'}")
-        if d["options"]:
-            print("\n  options:")
-            for o in d["options"]:
-                print(f"    {o['name']}: {o['type']} = {o['default']}\n        {o['doc']}")
-        else:
-            print("\n  options: none")
+        _print_options(d["options"], full=True)
         return 0
     for name in sorted(PASSES) + sorted(COMPOSITES):
         d = describe_pass(name)
         kind = "composite" if name in COMPOSITES else "pass"
         print(f"{name:<12} {kind:<9} {d['summary']}")
-        for o in d["options"]:
-            print(f"    {o['name']}: {o['type']} = {o['default']}  — {o['doc']}")
+        _print_options(d["options"], full=False)
     return 0
+
+
+def _print_options(options: list[dict], full: bool) -> None:
+    """A pass's or schedule's options: one block each (``full``), or one line each (the listing)."""
+    if full:
+        print("\n  options:" if options else "\n  options: none")
+    for o in options:
+        print(f"    {o['name']}: {o['type']} = {o['default']}" + (f"\n        {o['doc']}" if full else f"  — {o['doc']}"))
 
 
 def cmd_schedules(a: argparse.Namespace) -> int:
@@ -147,18 +150,12 @@ def cmd_schedules(a: argparse.Namespace) -> int:
             print("  " + "\n  ".join(line.strip() for line in d["doc"].splitlines()))
         back = ", ".join(d["backward"]) if d["backward"] else "none: no message crosses a stage boundary backwards"
         print(f"\n  messages: forward ({', '.join(d['forward'])}); backward ({back})")
-        if d["options"]:
-            print("\n  options:")
-            for o in d["options"]:
-                print(f"    {o['name']}: {o['type']} = {o['default']}\n        {o['doc']}")
-        else:
-            print("\n  options: none")
+        _print_options(d["options"], full=True)
         return 0
     for name in sorted(SCHEDULES):
         d = describe_schedule(name)
         print(f"{name:<14} {d['family']:<13} {d['summary']}")
-        for o in d["options"]:
-            print(f"    {o['name']}: {o['type']} = {o['default']}  — {o['doc']}")
+        _print_options(d["options"], full=False)
     return 0
 
 

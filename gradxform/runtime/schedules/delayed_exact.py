@@ -9,21 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AccumulateOptions, Policy, Schedule, TickTable, register
+from .base import Policy, register
+from .families import AsynchronousSchedule
 from .policies import GraphPolicy
-from .ticks import asynchronous
 
 
 @register
-class DelayedExact(Schedule):
+class DelayedExact(AsynchronousSchedule):
     name = "delayed-exact"
     summary = "asynchronous pipeline; stages keep the autograd graph of a forward on a weight snapshot"
-    Options = AccumulateOptions
-    family = "asynchronous"
     keeps_weight_copies = True
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         return GraphPolicy(self.layout, snapshot=stage < stages - 1, transient=stage == stages - 1)

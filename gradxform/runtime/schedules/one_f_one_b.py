@@ -7,30 +7,13 @@ In one process on gradxform's own tick loop; across ranks through ``torch.distri
 
 from __future__ import annotations
 
-from typing import Any
-
-from ..pipelining import TorchPipeline
-from .base import Policy, Schedule, StepOptions, TickTable, register
-from .policies import GraphPolicy
-from .ticks import one_f_one_b, per_step
+from .base import register
+from .families import SynchronousPipeline
+from .ticks import one_f_one_b
 
 
 @register
-class OneFOneB(Schedule):
+class OneFOneB(SynchronousPipeline):
     name = "1f1b"
     summary = "synchronous pipeline: warm-up forwards, then one forward one backward; one update per step"
-    Options = StepOptions
-    family = "synchronous"
-    steps_together = True
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return one_f_one_b(self.name, stages, micro_batches)
-
-    def steps(self, stages: int, count: int) -> list[tuple[TickTable, int]]:
-        return per_step(self.ticks, stages, count, self.options.micro_batches)
-
-    def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
-        return GraphPolicy(self.layout)
-
-    def distributed_runner(self, executor: Any, rank: int, world: int, device: Any, loss_fn: Any) -> Any:
-        return TorchPipeline(executor, "1f1b", rank, world, device, loss_fn)
+    table = staticmethod(one_f_one_b)

@@ -11,21 +11,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AccumulateOptions, Layout, Policy, Schedule, TickTable, register
+from .base import Layout, Policy, register
+from .families import AsynchronousSchedule
 from .policies import GraphPolicy, RecomputePolicy
-from .ticks import asynchronous
 
 
 @register
-class Petra(Schedule):
+class Petra(AsynchronousSchedule):
     name = "petra"
     summary = "asynchronous pipeline; reversible stages rebuild their input instead of storing it"
-    Options = AccumulateOptions
-    family = "asynchronous"
     layout = Layout(backward=("gradients", "activations"))
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         if stage == stages - 1:  # forward and backward in one tick

@@ -8,21 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AccumulateOptions, Policy, Schedule, TickTable, register
+from .base import Policy, register
+from .families import AsynchronousSchedule
 from .policies import GraphPolicy, RecomputePolicy
-from .ticks import asynchronous
 
 
 @register
-class Stash(Schedule):
+class Stash(AsynchronousSchedule):
     name = "stash"
     summary = "asynchronous pipeline; stages keep their input and a weight copy (PipeDream)"
-    Options = AccumulateOptions
-    family = "asynchronous"
     keeps_weight_copies = True
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         return GraphPolicy(self.layout, transient=True) if stage == stages - 1 else RecomputePolicy(self.layout, "stash")
