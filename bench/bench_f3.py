@@ -269,7 +269,7 @@ def write(results: list[dict], out: Path, quick: bool, wall: float, jobs: int, l
         lines.append(f"- {row['task']}: {100 * row['gap']:.0f}% against {100 * target:.0f}%: "
                      f"{'met' if row['gap'] >= target else 'not met'}; BP − DRTP = "
                      + (f"{100 * gap:.2f} points" if r["task"]["metric"] == "accuracy" else f"{gap:.4f} MSE")
-                     + (f", less than twice the largest seed-to-seed standard deviation of BP, F³, DRTP ("
+                     + (", less than twice the largest seed-to-seed standard deviation of BP, F³, DRTP ("
                         + (f"{100 * spread:.2f} points" if r["task"]["metric"] == "accuracy" else f"{spread:.4f}")
                         + "): the ratio is noise here" if noise else ""))
     secs = {m: statistics.mean(x["seconds"] for r in results for x in r["runs"][m]) for m in METHODS}

@@ -678,7 +678,6 @@ class Engine:
 
     def _derivative(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, dy/dx) of an elementwise unit, by one JVP along ones."""
-        u = self.units[i]
         fn = lambda t: self.run(i, (t,))[0]  # noqa: E731
         with self._functional([i]):
             y, d = torch.func.jvp(fn, (x,), (torch.ones_like(x),))

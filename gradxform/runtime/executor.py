@@ -23,7 +23,6 @@ import torch.utils._pytree as pytree
 from torch.func import functional_call
 
 from ..errors import GradxformError
-from ..state import frozen_buffers
 from .losses import classification_loss
 
 if TYPE_CHECKING:  # the schedules' policies call back into the executor

@@ -9,11 +9,9 @@ import json
 import pytest
 import torch
 
-import gradxform
 from gradxform.api import staged as staged_module
 from gradxform.autodiff.feedback import ErrorBuffer
 from gradxform.errors import GradxformError
-from gradxform.nn.feedback import connectors
 from gradxform.runtime.data import digits
 from gradxform.runtime.engine import InProcess
 from gradxform.runtime.train import TrainConfig, Trainer, micro_batches

@@ -14,7 +14,6 @@ import time
 import pytest
 import torch
 
-from gradxform.errors import GradxformError
 from gradxform.runtime.checkpoint import Checkpoints, CheckpointError, RunFolder
 from gradxform.runtime.data import digits
 from gradxform.runtime.train import TrainConfig, Trainer
