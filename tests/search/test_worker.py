@@ -59,8 +59,9 @@ def test_single_objective_uses_optunas_pruner(tmp_path):
 
 @pytest.mark.slow
 def test_a_crashing_trial_fails_and_the_study_goes_on(tmp_path):
-    # rank_every with the stash schedule: the trainer refuses it (stashed weight copies)
-    study, storage, job = study_for(tmp_path, "split{stages=2},train{schedule=stash|petra,rank_every=5}",
+    # rank_every with the stash schedule: the trainer refuses it (stashed weight copies); the
+    # model is factored into USV layers so that the petra trial has ranks to truncate
+    study, storage, job = study_for(tmp_path, "lowrank{mode=usv,keep=none},split{stages=2},train{schedule=stash|petra,rank_every=5}",
                                     ["acc", "mem"], 2, "none", epochs=1)
     for schedule in ("stash", "petra"):
         study.enqueue_trial({"train.schedule": schedule})
