@@ -78,6 +78,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, kwargs: dict, path: str | 
     are still written.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # like every other writer: out/model.onnx just works
     was_training = module.training
     module.eval()  # batch norm with running statistics: what ONNX inference means
     try:

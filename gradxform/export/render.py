@@ -162,6 +162,7 @@ def render(module: Any, path: str | Path, title: str = "") -> Path:
     import pygraphviz
 
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     dot = to_dot(module, title)
     graph = pygraphviz.AGraph(string=dot)
     with _quiet_stderr():  # the bundled Graphviz warns about the system's fontconfig files

@@ -36,6 +36,6 @@ def test_a_graph_alone_has_a_legend_and_no_stage_columns():
 
 def test_svg_is_written(tmp_path):
     module = compile_loaded(example("mlp.py"), "split{stages=2}", check=False).module
-    path = render(module, tmp_path / "g.svg", "mlp")
+    path = render(module, tmp_path / "out" / "g.svg", "mlp")  # a folder not yet made, as in the README
     text = path.read_text()
     assert text.lstrip().startswith("<?xml") and "<svg" in text and "stage 1" in text
