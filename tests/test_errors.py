@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import json
 
 import pytest
@@ -99,6 +101,7 @@ def test_data_errors(tmp_path, monkeypatch):
     assert "digits, synthetic, or module:function" in str(e.value)
     (tmp_path / "baddata.py").write_text("def load():\n    return [1, 2, 3]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "baddata", raising=False)  # another test's baddata.py, same worker
     with pytest.raises(GradxformError, match="--data baddata:load returned list") as e:
         load_data("baddata:load", (1, 8, 8), 10)
     assert "(train_dataset, test_dataset)" in str(e.value)
