@@ -322,7 +322,8 @@ def _start(tmp_path, *extra, env=None):
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+# SIGINT takes the same handler as SIGTERM (cli/train.py forwards both), so one of the two is launched
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_signal_to_the_launcher_leaves_no_process_behind(tmp_path, sig):
     proc, marker = _start(tmp_path)
     assert len(_job_processes(marker)) >= 4, _job_processes(marker)
@@ -340,7 +341,7 @@ def test_a_signal_to_the_launcher_leaves_no_process_behind(tmp_path, sig):
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_a_hung_rank_ends_the_job_and_is_named(tmp_path):
-    proc, marker = _start(tmp_path, env={"GRADXFORM_TIMEOUT": "30"})
+    proc, marker = _start(tmp_path, env={"GRADXFORM_TIMEOUT": "12"})
     time.sleep(3)
     rank1 = _rank_pid(marker, 1)
     start = time.monotonic()
@@ -350,7 +351,7 @@ def test_a_hung_rank_ends_the_job_and_is_named(tmp_path):
     err = proc.stderr.read()
     assert proc.returncode == 1
     assert "rank 1 (stage 1) hung" in err, err
-    assert elapsed < 30 + 25, elapsed  # the timeout, a grace of 5 s, and no wait for torchrun's SIGKILL
+    assert elapsed < 12 + 25, elapsed  # the timeout, a grace of 5 s, and no wait for torchrun's SIGKILL
     assert not _job_processes(marker)
 
 
