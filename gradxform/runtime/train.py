@@ -201,7 +201,7 @@ class Trainer:
         self.checkpoints = Checkpoints(self.out / "checkpoints", self.n, self.replicas)
         self.resume_notes: list[str] = []
         self.run: dict[str, Any] = {}
-        self.rank0 = 0 in self.transport.stages
+        self.rank0 = 0 in self.transport.stages and self.replica == 0  # the one rank that writes the run's files
         self.last_host = self.n - 1 in self.transport.stages
 
     def _emit(self, event: str, *args: Any) -> None:
