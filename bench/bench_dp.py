@@ -94,7 +94,9 @@ def main() -> None:
                          "accuracy": history[-1]["test_accuracy"], "throughput": samples / seconds,
                          "train_seconds": seconds, "wall": wall, "curve": per_epoch,
                          "accuracies": [h["test_accuracy"] for h in history],
-                         "ab": history[-1].get("ab")}
+                         "ab": history[-1].get("ab"),
+                         "per_rank": {k: sum(h["allreduce_bytes"][k] for h in history) / len(history)
+                                      for k in history[0]["allreduce_bytes"]}}
     ddp, ab = summary["ddp"], summary["ab"]
     ratio = ab["bytes_per_epoch"] / ddp["bytes_per_epoch"]
     gap = 100 * (ddp["accuracy"] - ab["accuracy"])
@@ -127,6 +129,10 @@ def main() -> None:
         "",
         f"- ab all-reduces **{100 * ratio:.1f}%** of ddp's bytes per epoch (target <= 50%: "
         f"{'met' if ratio <= 0.5 else 'missed'}).",
+        "- per rank, bytes / epoch: ab " + ", ".join(f"rank {k} {v / 1e6:.2f} MB" for k, v in ab["per_rank"].items())
+        + f" (the A-groups all-reduce the k x k convolutions' factors, the B-groups the 1x1 ones: "
+        f"{100 * max(ab['per_rank'].values()) / ddp['bytes_per_epoch']:.1f}% of ddp on the busiest rank, "
+        f"{'within' if max(ab['per_rank'].values()) <= 0.5 * ddp['bytes_per_epoch'] else 'above'} the 50% target).",
         f"- accuracy gap ddp - ab: **{gap:+.2f} points** (target within 1.5: {'met' if abs(gap) <= 1.5 else 'missed'}).",
         f"- final compression of the ab model: {final.get('compression', float('nan')):.2f}:1 "
         f"({final.get('dense_params')} dense parameters -> {final.get('params')}); ranks {final.get('ranks')}.",
