@@ -14,7 +14,7 @@ all-reduced across all ranks every step. Optimizer steps, counted from the first
   steps over all ranks, then a re-factorisation by SVD keeping ``sigma >= cutoff * sigma_max`` (never
   above the rank of the round before; the rank is the MAX over ranks so shapes agree);
 - after every switch of shapes the optimizer state is reset and the learning rate rebounds: 1e-5,
-  ramping linearly back to the epoch's rate over ``rebound`` steps.
+  ramping linearly back to the epoch's rate over ``rebound`` steps (from step 0 too: a fresh optimizer).
 
 A full-rank phase trains the layer's own weight: ``A = W`` (out x in k k), ``B = I`` frozen, so the
 factored module computes exactly the dense layer and needs no other code path. Every collective goes
