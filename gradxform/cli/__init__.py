@@ -253,12 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("target", metavar="DIR|FILE[:ATTR]", help="an artefact folder from 'compile', or a model file")
     t.add_argument("--pass", "-p", dest="pipeline", default=None, metavar="PIPELINE",
-                   help="compile a model file first (default: split{stages=NPROC})")
+                   help="compile a model file first (default: split{stages=NPROC/REPLICAS})")
     t.add_argument("--schedule", default="auto",
                    help="the training algorithm, e.g. petra or 'forward-grad{tangents=4}' (see 'gradxform "
                         "schedules'); auto: the one the model was compiled for (backprop for one stage, "
                         "petra for several when the passes name none)")
-    t.add_argument("--nproc", type=int, default=1, help="processes, one stage each (1: all stages in-process)")
+    t.add_argument("--nproc", type=int, default=None,
+                   help="processes, one stage of one replica each: replicas x stages (default: --replicas; "
+                        "1: all stages in-process)")
+    t.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel replicas of every stage: each trains on its shard of every global batch "
+                        "(R x --batch-size samples) and the replicas of a stage all-reduce their gradients")
     t.add_argument("--epochs", type=int, default=5, help="passes over the training set")
     t.add_argument("--batch-size", type=int, default=32, help="samples per micro-batch")
     t.add_argument("--micro-batches", type=int, default=None,

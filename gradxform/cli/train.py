@@ -8,6 +8,11 @@ several machines, start the ranks yourself with torchrun's own flags, e.g. on ea
         -m gradxform train out/petra --schedule petra
 
 A process started by torchrun (RANK is set) trains its own stage directly.
+
+With ``--replicas R`` every stage has R data-parallel replicas: ``--nproc`` is R x stages, rank
+``stage * R + replica`` (:mod:`gradxform.runtime.data_parallel`), e.g. 2 replicas of a 2-stage petra::
+
+    gradxform train examples/resnet.py:digits_resnet --pass 'petra{stages=2}' --replicas 2 --nproc 4
 """
 
 from __future__ import annotations
@@ -33,13 +38,15 @@ from ..errors import GradxformError
 from ..passes import compiled_schedule
 from ..runtime.data import datasets_for
 from ..runtime.checkpoint import RunFolder
+from ..runtime.data_parallel import stages_for
 from ..runtime.distributed import PointToPoint, init_rank, leave
 from ..runtime.train import Callback, TrainConfig, Trainer
 from .threads import set_threads, threads
 
 
 def config_from(a: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(schedule=a.schedule, epochs=a.epochs, batch_size=a.batch_size, micro_batches=a.micro_batches,
+    return TrainConfig(schedule=a.schedule, epochs=a.epochs, batch_size=a.batch_size, replicas=a.replicas,
+                       micro_batches=a.micro_batches,
                        accumulate=a.accumulate, optimizer=a.optimizer, lr=a.lr, momentum=a.momentum,
                        weight_decay=a.weight_decay, lr_schedule=a.lr_schedule, data=a.data, seed=a.seed, out=a.out,
                        checkpoint_every=a.checkpoint_every, resume=a.resume, overwrite=a.overwrite,
@@ -58,14 +65,24 @@ def default_out(a: argparse.Namespace) -> str:
         if target.is_dir() and (target / "manifest.json").exists():
             schedule = json.loads((target / "manifest.json").read_text()).get("schedule") or "auto"
         else:
-            schedule = compiled_schedule(a.pipeline or f"split{{stages={a.nproc}}}") or "backprop"
+            schedule = compiled_schedule(a.pipeline or f"split{{stages={_stages(a)}}}") or "backprop"
         schedule = schedule.split("{")[0]
     return str(Path("runs") / f"{model}-{schedule}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def _stages(a: argparse.Namespace) -> int:
+    """Pipeline stages: the processes over the replicas of each."""
+    return stages_for(a.nproc, a.replicas)
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.replicas < 1:
+        raise GradxformError(f"--replicas must be at least 1, got {a.replicas}")
+    if a.nproc is None:
+        a.nproc = a.replicas
     if a.nproc < 1:
         raise GradxformError("--nproc must be at least 1")
+    _stages(a)  # --replicas divides --nproc
     if a.out is None:
         a.out = default_out(a)
         a.argv = [*a.argv, "--out", a.out]  # the ranks write where this process said
@@ -215,12 +232,14 @@ def rank_main(a: argparse.Namespace, cfg: TrainConfig) -> int:
     def main() -> int:
         rank, world, device = init_rank()
         try:
-            module = _model(a, world)
-            _check_stages(len(module.stages), world)
+            stages = stages_for(world, cfg.replicas)
+            module = _model(a, stages)
+            _check_stages(len(module.stages), stages, cfg.replicas)
             module.to(device)
             recipe = module.gx_recipe
             train, test = checked_datasets(module, recipe, cfg)
-            trainer = Trainer(module, cfg, PointToPoint(rank, world, device), callbacks=_callbacks(a, rank == 0))
+            trainer = Trainer(module, cfg, PointToPoint(rank, world, device, cfg.replicas),
+                              callbacks=_callbacks(a, rank == 0))
             final = trainer.fit(train, test)[-1]
             if rank == 0:
                 print(f"final test accuracy: {final['test_accuracy']:.2%} after {final['epoch']} epochs "
@@ -246,11 +265,12 @@ def rank_main(a: argparse.Namespace, cfg: TrainConfig) -> int:
     return main()
 
 
-def _check_stages(stages: int, world: int) -> None:
-    if stages != world:
-        raise GradxformError(f"the model has {stages} stage(s) but {world} ranks were started",
-                             hint=f"compile with split{{stages={world}}} (or petra{{stages={world}}}), or use "
-                                  f"--nproc {stages}")
+def _check_stages(stages: int, expected: int, replicas: int = 1) -> None:
+    if stages != expected:
+        per = f" ({replicas} replicas of {expected} stage(s))" if replicas > 1 else ""
+        raise GradxformError(f"the model has {stages} stage(s) but {expected * replicas} ranks were started{per}",
+                             hint=f"compile with split{{stages={expected}}} (or petra{{stages={expected}}}), or use "
+                                  f"--nproc {stages * replicas}")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -276,9 +296,15 @@ def spawn(a: argparse.Namespace, cfg: TrainConfig) -> int:
     SIGTERM sent to this process are forwarded to it (it stops its ranks), and it is told to stop when
     this process dies, even by SIGKILL. When a rank fails, the message names it.
     """
-    module = _model(a, a.nproc)
-    _check_stages(len(module.stages), a.nproc)
-    Trainer(module, cfg)  # the schedule's requirements (heads, ...) and the options, before any rank starts
+    stages = _stages(a)
+    module = _model(a, stages)
+    _check_stages(len(module.stages), stages, a.replicas)
+    if a.replicas == 1:
+        Trainer(module, cfg)  # the schedule's requirements (heads, ...) and the options, before any rank starts
+    else:  # a Trainer here would be one replica: check what it would, and the replicas, without one
+        schedule = cfg.validate(module)
+        schedule.check(module)
+        schedule.check_data_parallel(a.replicas, stages)
     checked_datasets(module, module.gx_recipe, cfg)
     # the ranks must not wipe the folder this process just checked (and holds locked)
     argv = [x for x in _without_nproc(a.argv) if x != "--overwrite"]

@@ -274,3 +274,70 @@ def resize_usv(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
                 layer.s = nn.Parameter(torch.zeros(r, r, dtype=layer.s.dtype, device=layer.s.device))
                 changed = True
     return changed
+
+
+# -- factor surgery: AB-training changes ranks and trains W itself between rounds ------------------
+
+def factor_weights(layer: LowRankLinear | LowRankConv2d) -> tuple[nn.Parameter, nn.Parameter]:
+    """(A, B) of an AB layer: A the first (k x k, or in -> r) weight, B the second (r -> out)."""
+    if isinstance(layer, LowRankLinear):
+        return layer.a.weight, layer.b.weight
+    return layer.first.weight, layer.second.weight
+
+
+def product(layer: LowRankLinear | LowRankConv2d) -> torch.Tensor:
+    """The layer's weight matrix ``W = B @ A`` (out x in*k*k)."""
+    a, b = factor_weights(layer)
+    return b.detach().reshape(b.shape[0], -1) @ a.detach().reshape(a.shape[0], -1)
+
+
+def dense_shape(layer: LowRankLinear | LowRankConv2d) -> tuple[int, int]:
+    """(out, in*k*k): the shape of the weight matrix the layer stands for."""
+    a, b = factor_weights(layer)
+    return b.shape[0], a[0].numel()
+
+
+@torch.no_grad()
+def set_factors(layer: LowRankLinear | LowRankConv2d, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Give the layer new factors ``a`` (r x in*k*k) and ``b`` (out x r) of any rank r: new Parameters
+    (the optimizer must be rebuilt), the submodules' size attributes updated to match."""
+    r = a.shape[0]
+    if isinstance(layer, LowRankLinear):
+        layer.a.weight = nn.Parameter(a.contiguous().clone())
+        layer.b.weight = nn.Parameter(b.contiguous().clone())
+        layer.a.out_features = layer.b.in_features = r
+    else:
+        first, second = layer.first, layer.second
+        first.weight = nn.Parameter(a.reshape(r, *first.weight.shape[1:]).contiguous().clone())
+        second.weight = nn.Parameter(b.reshape(b.shape[0], r, 1, 1).contiguous().clone())
+        first.out_channels = second.in_channels = r
+
+
+def set_dense(layer: LowRankLinear | LowRankConv2d, w: torch.Tensor) -> None:
+    """The layer computes the full-rank ``w`` (out x in*k*k) exactly: ``A = w`` and ``B = I`` (rank =
+    out). Training A alone is then training the dense layer (AB-training's full-rank phase)."""
+    out = w.shape[0]
+    set_factors(layer, w, torch.eye(out, dtype=w.dtype, device=w.device))
+
+
+def refactor(layer: LowRankLinear | LowRankConv2d, w: torch.Tensor, rank: int) -> None:
+    """Factor ``w`` (out x in*k*k) into the best rank-``rank`` ``B @ A`` (truncated SVD)."""
+    a, b = Spectrum(w).factors(rank)
+    set_factors(layer, a, b)
+
+
+def resize_factors(module: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Give every AB layer the rank recorded in ``state`` (a state dict), before loading it."""
+    changed = False
+    for name, layer in module.named_modules():
+        if isinstance(layer, (LowRankLinear, LowRankConv2d)):
+            prefix = f"{name}." if name else ""
+            first, second = ("a", "b") if isinstance(layer, LowRankLinear) else ("first", "second")
+            key_a, key_b = f"{prefix}{first}.weight", f"{prefix}{second}.weight"
+            a, b = factor_weights(layer)
+            if key_a in state and key_b in state and (state[key_a].shape != a.shape or state[key_b].shape != b.shape):
+                r = state[key_a].shape[0]
+                set_factors(layer, torch.zeros(r, a[0].numel(), dtype=a.dtype, device=a.device),
+                            torch.zeros(b.shape[0], r, dtype=b.dtype, device=b.device))
+                changed = True
+    return changed

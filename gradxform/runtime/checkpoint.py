@@ -4,7 +4,8 @@ A checkpoint is an epoch-level unit: ``checkpoints/epoch-0003/stage0.pt, stage1.
 last, ``COMMITTED.json`` (the epoch, the number of stages, the metrics history). Every file is written
 to a temporary name, flushed to disk and renamed, and the folder is synced after each rename, so a
 kill or a full disk at any moment leaves either a committed epoch or one without ``COMMITTED.json``,
-which loading ignores (and says so). Under ``--nproc`` every rank writes its own stage file; rank 0
+which loading ignores (and says so). Under ``--nproc`` every rank writes its own stage file (with
+``--replicas`` R > 1, ``stage{j}-replica{r}.pt``: AB-training's replicas hold different factors); rank 0
 commits once all of them have (a barrier between). The previous committed epoch is removed only after
 the new one is committed.
 
@@ -78,28 +79,38 @@ def write_json(path: Path, data: Any) -> None:
 class Checkpoints:
     """The committed epochs under ``folder`` (``DIR/checkpoints``) of a model with ``stages`` stages."""
 
-    def __init__(self, folder: Path, stages: int | None):
+    def __init__(self, folder: Path, stages: int | None, replicas: int | None = 1):
         self.folder, self.stages = Path(folder), stages  # None: as many as the commit says
+        self.replicas = replicas
+
+    @staticmethod
+    def file(stage: int, replica: int = 0, replicas: int = 1) -> str:
+        """A stage's file; with data-parallel replicas, one per replica (AB-training's replicas differ)."""
+        return f"stage{stage}.pt" if replicas == 1 else f"stage{stage}-replica{replica}.pt"
+
+    def files(self, stages: int, replicas: int) -> list[str]:
+        return [self.file(j, r, replicas) for j in range(stages) for r in range(replicas)]
 
     def epoch_dir(self, epoch: int) -> Path:
         return self.folder / f"epoch-{epoch:04d}"
 
-    def write_stage(self, epoch: int, stage: int, state: dict[str, Any]) -> None:
+    def write_stage(self, epoch: int, stage: int, state: dict[str, Any], replica: int = 0) -> None:
         folder = self.epoch_dir(epoch)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _disk_error(folder, e) from None
-        write_atomic(folder / f"stage{stage}.pt", lambda tmp: torch.save(state, tmp))
+        write_atomic(folder / self.file(stage, replica, self.replicas or 1), lambda tmp: torch.save(state, tmp))
 
     def commit(self, epoch: int, history: list[dict[str, Any]]) -> None:
         """Mark epoch ``epoch`` whole (every stage file written), then drop the older epochs."""
         folder = self.epoch_dir(epoch)
-        missing = [j for j in range(self.stages) if not (folder / f"stage{j}.pt").exists()]
+        replicas = self.replicas or 1
+        missing = [f for f in self.files(self.stages, replicas) if not (folder / f).exists()]
         if missing:
             raise CheckpointError(f"cannot commit the checkpoint of epoch {epoch}: stage file(s) "
-                                  f"{', '.join(f'stage{j}.pt' for j in missing)} were not written")
-        write_json(folder / COMMITTED, {"epoch": epoch, "stages": self.stages, "history": history,
+                                  f"{', '.join(missing)} were not written")
+        write_json(folder / COMMITTED, {"epoch": epoch, "stages": self.stages, "replicas": replicas, "history": history,
                                         "time": time.time()})
         for old in self.folder.glob("epoch-*"):
             if old != folder and old.is_dir():
@@ -124,16 +135,19 @@ class Checkpoints:
         except (OSError, json.JSONDecodeError) as e:
             return f"unreadable {COMMITTED}: {e}"
         stages = self.stages if self.stages is not None else info.get("stages")
+        replicas = self.replicas if self.replicas is not None else info.get("replicas", 1)
         if info.get("stages") != stages or info.get("epoch") != int(folder.name.split("-")[1]):
             return f"written for {info.get('stages')} stage(s) at epoch {info.get('epoch')}"
-        missing = [f"stage{j}.pt" for j in range(int(stages)) if not (folder / f"stage{j}.pt").exists()]
+        if info.get("replicas", 1) != replicas:
+            return f"written for {info.get('replicas', 1)} replica(s), not {replicas}"
+        missing = [f for f in self.files(int(stages), int(replicas)) if not (folder / f).exists()]
         return f"missing {', '.join(missing)}" if missing else None
 
     def history(self, epoch: int) -> list[dict[str, Any]]:
         return json.loads((self.epoch_dir(epoch) / COMMITTED).read_text())["history"]
 
-    def read_stage(self, epoch: int, stage: int) -> dict[str, Any]:
-        path = self.epoch_dir(epoch) / f"stage{stage}.pt"
+    def read_stage(self, epoch: int, stage: int, replica: int = 0) -> dict[str, Any]:
+        path = self.epoch_dir(epoch) / self.file(stage, replica, self.replicas or 1)
         try:
             state = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read it is damage (struct.error, EOFError, ...)
@@ -177,7 +191,7 @@ class RunFolder:
                                   hint="choose a folder you can write to") from None
         self._take_lock()
         if resume:
-            epoch, _ = Checkpoints(self.out / "checkpoints", stages).latest()
+            epoch, _ = Checkpoints(self.out / "checkpoints", stages, replicas=None).latest()
             if epoch is None:
                 self.close()
                 raise CheckpointError(f"--resume: {self.out} holds no committed checkpoint to resume from",

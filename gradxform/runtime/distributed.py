@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import GradxformError
+from .data_parallel import place, rank_of
 from .schedules.base import Message
 
 HEADER = 64
@@ -28,11 +29,16 @@ TIMEOUT_S = int(os.environ.get("GRADXFORM_TIMEOUT", "60"))
 
 
 class PointToPoint:
-    """The transport for rank ``rank`` hosting stage ``rank``."""
+    """The transport for rank ``rank``, hosting one stage of one replica: with ``replicas`` R, stage
+    ``rank // R`` of replica ``rank % R`` (:mod:`gradxform.runtime.data_parallel`). Messages go to the
+    neighbouring stages of the same replica."""
 
-    def __init__(self, rank: int, world: int, device: torch.device):
+    def __init__(self, rank: int, world: int, device: torch.device, replicas: int = 1):
         self.rank, self.world, self.device = rank, world, device
-        self.stages = [rank]
+        self.replicas = replicas
+        stage, self.replica = place(rank, replicas)
+        self.stages = [stage]
+        self.n_stages = world // replicas
         self.pending: list[Any] = []    # sends posted in this tick
         self.previous: list[Any] = []   # sends posted in the tick before
         self.sent_bytes = 0
@@ -59,12 +65,16 @@ class PointToPoint:
             header[pos], header[pos + 1] = DTYPES.index(t.dtype), t.dim()
             header[pos + 2: pos + 2 + t.dim()] = torch.tensor(t.shape)
             pos += 2 + t.dim()
-        self.pending.append(dist.isend(header.to(self.device), dst))
+        peer = self._peer(dst)
+        self.pending.append(dist.isend(header.to(self.device), peer))
         for t in tensors:
             if t is not None:
                 t = t.detach().contiguous().to(self.device)
-                self.pending.append((dist.isend(t, dst), t))  # keep the buffer alive until sent
+                self.pending.append((dist.isend(t, peer), t))  # keep the buffer alive until sent
                 self.sent_bytes += t.numel() * t.element_size()
+
+    def _peer(self, stage: int) -> int:
+        return rank_of(stage, self.replica, self.replicas)
 
     def recv(self, src: int, dst: int, kind: str, mb: int, fields: tuple[str, ...]) -> Message:
         start = time.perf_counter()
@@ -75,7 +85,8 @@ class PointToPoint:
 
     def _recv(self, src: int, dst: int, kind: str, fields: tuple[str, ...]) -> Message:
         header = torch.zeros(HEADER, dtype=torch.int64, device=self.device)
-        dist.recv(header, src)
+        src_rank = self._peer(src)
+        dist.recv(header, src_rank)
         header = header.cpu()
         n_fields = int(header[0])
         if n_fields != len(fields):
@@ -93,7 +104,7 @@ class PointToPoint:
             shape = [int(s) for s in header[pos + 2: pos + 2 + ndim]]
             pos += 2 + ndim
             t = torch.empty(shape, dtype=DTYPES[code], device=self.device)
-            dist.recv(t, src)
+            dist.recv(t, src_rank)
             out.append(t)
         message, start = {}, 0
         for name, count in zip(fields, counts):
@@ -116,36 +127,48 @@ class PointToPoint:
         self.waits["wait_send"] += time.perf_counter() - start
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        """``tensor`` on every rank becomes rank ``src``'s (the rank that hosts stage ``src``)."""
-        dist.broadcast(tensor, src)
+        """``tensor`` on every rank becomes that of stage ``src`` of replica 0 (replicas of a stage
+        that keep shared state make it agree first)."""
+        dist.broadcast(tensor, rank_of(src, 0, self.replicas))
 
     def barrier(self) -> None:
         """Every rank reaches this point (bounded by the group's timeout)."""
         dist.barrier()
 
     def gather_record(self, record: dict) -> dict:
-        """Every rank gets the last stage's loss and accuracy (all_reduce of the last rank's values)."""
-        last = self.world - 1
+        """Every rank gets the last stage's loss and accuracy (the mean over the replicas of the last
+        stage, each of which trained on its shard and evaluated its own model), per-stage figures from
+        replica 0, and per-rank communication counts."""
+        last = self.n_stages - 1
+        on_last = self.stages == [last]
+        r = self.replicas
         vals = torch.tensor([record["train_loss"] or 0.0, record["test_accuracy"] or 0.0], dtype=torch.float64)
-        if self.rank != last:
-            vals.zero_()
-        dist.all_reduce(vals)
         steps = torch.tensor(record["step_losses"], dtype=torch.float64)
-        if self.rank != last:
+        if not on_last:
+            vals.zero_()
             steps.zero_()
+        dist.all_reduce(vals)
         dist.all_reduce(steps)
+        vals, steps = vals / r, steps / r
         record = dict(record, train_loss=float(vals[0]), test_accuracy=float(vals[1]), step_losses=steps.tolist())
+        (stage,) = self.stages
         for key, kind in (("updates", int), ("peak_kept_bytes", int), ("peak_step_bytes", int),
                           ("busy_seconds", float)):
             mine = torch.zeros(self.world, dtype=torch.float64)
-            mine[self.rank] = float(record[key][self.rank])
+            mine[self.rank] = float(record[key][stage])
             dist.all_reduce(mine)
-            record[key] = {j: kind(v) for j, v in enumerate(mine.tolist())}
-        names = sorted(record["phases"][self.rank])
+            record[key] = {j: kind(mine[rank_of(j, 0, r)]) for j in range(self.n_stages)}
+        for key in ("allreduce_bytes", "allreduce_bytes_per_step", "sent_bytes"):
+            if key in record:
+                mine = torch.zeros(self.world, dtype=torch.float64)
+                mine[self.rank] = float(record[key][self.rank])
+                dist.all_reduce(mine)
+                record[key] = {q: v for q, v in enumerate(mine.tolist())}
+        names = sorted(record["phases"][stage])
         mine = torch.zeros(self.world, len(names), dtype=torch.float64)
-        mine[self.rank] = torch.tensor([record["phases"][self.rank][k] for k in names], dtype=torch.float64)
+        mine[self.rank] = torch.tensor([record["phases"][stage][k] for k in names], dtype=torch.float64)
         dist.all_reduce(mine)
-        record["phases"] = {j: dict(zip(names, row)) for j, row in enumerate(mine.tolist())}
+        record["phases"] = {j: dict(zip(names, mine[rank_of(j, 0, r)].tolist())) for j in range(self.n_stages)}
         slowest = torch.tensor([record["train_seconds"]], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         record["train_seconds"] = float(slowest)

@@ -24,11 +24,12 @@ class TorchPipeline:
     """One rank's stage under ``ScheduleGPipe`` or ``Schedule1F1B``."""
 
     def __init__(self, executor: StageExecutor, schedule: str, rank: int, world: int, device: torch.device,
-                 loss_fn: Any):
+                 loss_fn: Any, group: Any = None):
         from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 
         self.executor = executor
-        self.rank, self.world, self.device = rank, world, device
+        self.rank, self.world, self.device = rank, world, device  # the stage and the number of stages
+        self.group = group  # with data-parallel replicas: this replica's pipeline
         self.cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         self.loss_fn = loss_fn
         self.schedules: dict[int, Any] = {}
@@ -41,7 +42,7 @@ class TorchPipeline:
             from torch.distributed.pipelining import PipelineStage
 
             # a PipelineStage is prepared for one number of micro-batches: one per step size
-            stage = PipelineStage(ex.module, self.rank, self.world, self.device)
+            stage = PipelineStage(ex.module, self.rank, self.world, self.device, group=self.group)
             self.schedules[m] = self.cls(stage, n_microbatches=m, loss_fn=self.loss_fn, scale_grads=True)
             with frozen_buffers(ex.module):  # shape inference happens here, harmlessly
                 self._run(self.schedules[m], xs, ys)

@@ -23,13 +23,20 @@ from .executor import StageExecutor
 class TiedCopies:
     """The groups of ``staged.tied`` whose copies live in the stages of ``executors``."""
 
-    def __init__(self, staged: Any, executors: dict[int, StageExecutor], distributed: bool):
+    def __init__(self, staged: Any, executors: dict[int, StageExecutor], distributed: bool,
+                 replicas: int = 1, replica: int = 0):
         self.groups = [list(g) for g in getattr(staged, "tied", [])]
         self.executors = executors
         self.distributed = distributed
-        # every rank creates every group's process group, in the same order (a collective)
-        self.process_groups = [dist.new_group(sorted({j for j, _ in g})) if distributed else None
-                               for g in self.groups]
+        # every rank creates every group's process group, in the same order (a collective); with
+        # data-parallel replicas, one per replica, among the ranks of that replica's stages
+        self.process_groups = []
+        for g in self.groups:
+            mine = None
+            for r in range(replicas if distributed else 0):
+                pg = dist.new_group(sorted({j * replicas + r for j, _ in g}))
+                mine = pg if r == replica else mine
+            self.process_groups.append(mine)
         self.synced: set[int] = set()
         for j, ex in executors.items():
             if any(j == s for g in self.groups for s, _ in g):

@@ -21,8 +21,9 @@ import torch
 
 from ..errors import GradxformError
 from ..nn.growth import GrowthConfig
-from ..nn.lowrank import AdaptiveRank, resize_usv
+from ..nn.lowrank import AdaptiveRank, resize_factors, resize_usv
 from .data import tensors_of
+from .data_parallel import DataParallel, shard
 from .callbacks import Callback
 from .checkpoint import CheckpointError, Checkpoints, RunFolder, write_atomic
 from .engine import InProcess, Transport, evaluate, run_schedule
@@ -40,7 +41,8 @@ PHASES = ("forward", "inversion", "recompute", "backward", "optimizer", "wait_re
 class TrainConfig:
     schedule: Any = "auto"        # schedule text or a Schedule; auto: the one the model was compiled for
     epochs: int = 5
-    batch_size: int = 32          # samples per micro-batch
+    batch_size: int = 32          # samples per micro-batch (per replica)
+    replicas: int = 1             # data-parallel replicas of every stage (world size = replicas x stages)
     micro_batches: int | None = None  # sets the schedule's micro_batches option (gpipe, 1f1b: per step)
     accumulate: int | None = None     # sets the schedule's accumulate option (backwards per optimizer step)
     optimizer: str = "sgd"
@@ -87,7 +89,7 @@ class TrainConfig:
     def validate(self, staged: Any = None) -> Schedule:
         """Check every field; returns the resolved schedule."""
         schedule = self.make_schedule(staged)
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "replicas"):
             if getattr(self, name) < 1:
                 raise GradxformError(f"--{name.replace('_', '-')} must be at least 1")
         if self.optimizer not in ("sgd", "adamw"):
@@ -154,13 +156,21 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.n = len(staged.stages)
         self.transport = transport or InProcess(self.n)
+        self.replicas = getattr(self.transport, "replicas", 1)
+        self.replica = getattr(self.transport, "replica", 0)
+        if cfg.replicas != self.replicas:
+            raise GradxformError(f"--replicas {cfg.replicas} needs {cfg.replicas} processes per stage; this trainer "
+                                 f"hosts {self.replicas}",
+                                 hint=f"start {cfg.replicas * self.n} ranks (--nproc {cfg.replicas * self.n})")
+        self.schedule.check_data_parallel(self.replicas, self.n)
         self.out = Path(cfg.out)
         inverses = staged.inverses() if inverses is None else inverses
         self.executors = {
             j: StageExecutor(j, self.n, staged.stages[j], self.schedule, make_optimizer(staged.stages[j], cfg),
                              classification_loss, inverses.get(j))
             for j in self.transport.stages}
-        self.tied = TiedCopies(staged, self.executors, distributed=len(self.transport.stages) < self.n)
+        self.tied = TiedCopies(staged, self.executors, distributed=len(self.transport.stages) < self.n,
+                               replicas=self.replicas, replica=self.replica)
         self.tied.check(self.schedule)
         self.adaptive: dict[int, AdaptiveRank] = {}
         if cfg.rank_every:
@@ -176,17 +186,22 @@ class Trainer:
                                          budget=cfg.grow_budget, limit=cfg.grow_limit))
             growth.attach(self)
             self.callbacks.append(growth)
+        self.data_parallel: DataParallel | None = None
+        if self.replicas > 1:  # after every other before_update hook (tied copies sum first)
+            self.data_parallel = DataParallel(self.transport.rank, self.n, self.replicas)
+            self.schedule.replicate(self)
         self.runner = None
         if len(self.transport.stages) < self.n:  # one stage per rank: the schedule may bring its own engine
             (j,) = self.transport.stages
+            group = self.data_parallel.pipeline_group if self.data_parallel is not None else None
             self.runner = self.schedule.distributed_runner(self.executors[j], j, self.n, self.transport.device,
-                                                           classification_loss)
+                                                           classification_loss, group=group)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self.checkpoints = Checkpoints(self.out / "checkpoints", self.n)
+        self.checkpoints = Checkpoints(self.out / "checkpoints", self.n, self.replicas)
         self.resume_notes: list[str] = []
         self.run: dict[str, Any] = {}
-        self.rank0 = 0 in self.transport.stages
+        self.rank0 = 0 in self.transport.stages and self.replica == 0  # the one rank that writes the run's files
         self.last_host = self.n - 1 in self.transport.stages
 
     def _emit(self, event: str, *args: Any) -> None:
@@ -202,7 +217,8 @@ class Trainer:
                 "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                 "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
                 "rng": torch.get_rng_state(), "config": config, "schedule": self.schedule.state_dict(),
-                "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None}})
+                "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None}},
+                replica=self.replica)
         self._emit("on_save")
         self._barrier()  # every rank's stage file is on disk before rank 0 commits
         if self.rank0:
@@ -215,10 +231,11 @@ class Trainer:
         if epoch is None:
             return False
         for j, ex in self.executors.items():
-            state = self.checkpoints.read_stage(epoch, j)
+            state = self.checkpoints.read_stage(epoch, j, self.replica)
             saved = state.get("callbacks", {})
             resized = [cb.resize(ex.module, state["module"], saved.get(type(cb).__name__, {})) for cb in self.callbacks]
-            if resize_usv(ex.module, state["module"]) or any(resized):  # ranks truncated, or layers grown
+            if resize_usv(ex.module, state["module"]) | resize_factors(ex.module, state["module"]) or any(resized):
+                # ranks truncated, or layers grown
                 ex.optimizer = make_optimizer(ex.module, self.cfg)
                 ex.refresh()
                 if j in self.adaptive:
@@ -284,9 +301,13 @@ class Trainer:
         started = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         while self.epoch < cfg.epochs:
             self._set_lr()
-            batches = micro_batches(train, cfg.batch_size, cfg.seed, self.epoch)
+            # a global batch of replicas x batch_size, each replica its shard (identical order on every rank)
+            batches = micro_batches(train, cfg.batch_size * self.replicas, cfg.seed, self.epoch)
             if not batches:
-                raise GradxformError(f"the training set has fewer samples than --batch-size {cfg.batch_size}")
+                raise GradxformError(f"the training set has fewer samples than --batch-size {cfg.batch_size}"
+                                     + (f" x --replicas {self.replicas}" if self.replicas > 1 else ""))
+            if self.replicas > 1:
+                batches = [shard(b, self.replica, self.replicas) for b in batches]
             feed = lambda mb: self.staged.first_inputs((batches[mb][0],), {})  # noqa: E731
             target = lambda mb: batches[mb][1]  # noqa: E731
             steps = self.schedule.steps(self.n, len(batches))
@@ -294,6 +315,8 @@ class Trainer:
             epoch_start = time.perf_counter()
             busy_start = {j: ex.stats.busy_seconds for j, ex in self.executors.items()}
             phases_start = {j: self._phases(ex) for j, ex in self.executors.items()}
+            comm_start = self._comm_bytes()
+            updates_start = sum(ex.stats.updates for ex in self.executors.values())
             done = 0
 
             def on_tick(t: int) -> None:
@@ -312,9 +335,15 @@ class Trainer:
                                  on_tick=on_tick)
                 done += len(table.ticks)
             self.schedule.end_epoch(self)
+            if self.data_parallel is not None:
+                for ex in self.executors.values():
+                    self.data_parallel.average_buffers(ex.module)
             for cb in self.callbacks:
                 cb.after_training(self, batches)
             train_seconds = time.perf_counter() - epoch_start
+            allreduced, sent = (b - a for a, b in zip(comm_start, self._comm_bytes()))
+            steps_done = max(1, sum(ex.stats.updates for ex in self.executors.values()) - updates_start)
+            me = getattr(self.transport, "rank", 0)
             correct, total = evaluate(self.executors, self.transport, self.n, test_feed)
             losses = self.executors[self.n - 1].stats.losses[-len(batches):] if self.last_host else []
             self.epoch += 1
@@ -330,8 +359,14 @@ class Trainer:
                       "busy_seconds": {j: ex.stats.busy_seconds - busy_start[j] for j, ex in self.executors.items()},
                       "phases": {j: {k: v - phases_start[j].get(k, 0.0) for k, v in self._phases(ex).items()}
                                  for j, ex in self.executors.items()},
-                      "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size,
+                      "train_seconds": train_seconds, "samples": len(batches) * cfg.batch_size * self.replicas,
+                      "replicas": self.replicas,
+                      # per rank, this epoch: bytes handed to collectives (gradient all-reduces), their
+                      # mean per optimizer step, and point-to-point bytes sent to the neighbouring stages
+                      "allreduce_bytes": {me: allreduced}, "allreduce_bytes_per_step": {me: allreduced / steps_done},
+                      "sent_bytes": {me: sent},
                       "ranks": {j: {n: m.rank for n, m in a.layers()} for j, a in self.adaptive.items()}}
+            record.update(self.schedule.metrics(self))
             for cb in self.callbacks:
                 record.update(cb.metrics())
             record = self._gather(record)
@@ -354,12 +389,28 @@ class Trainer:
             out.update(getattr(self.transport, "waits", {}))
         return out
 
-    def _set_lr(self) -> None:
+    def _comm_bytes(self) -> tuple[int, int]:
+        """(bytes all-reduced, point-to-point bytes sent) so far by this process."""
+        allreduced = self.data_parallel.comm.bytes if self.data_parallel is not None else 0
+        return allreduced, getattr(self.transport, "sent_bytes", 0)
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of epoch ``epoch`` (``--lr-schedule``)."""
         cfg = self.cfg
-        factor = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * self.epoch / cfg.epochs))
+        factor = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+        return cfg.lr * factor
+
+    def new_optimizer(self, ex: StageExecutor) -> None:
+        """A fresh optimizer for a stage whose parameters changed shape (its state is reset)."""
+        ex.optimizer = make_optimizer(ex.module, self.cfg)
+        for group in ex.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.epoch)
+        ex.refresh()
+
+    def _set_lr(self) -> None:
         for ex in self.executors.values():
             for group in ex.optimizer.param_groups:
-                group["lr"] = cfg.lr * factor
+                group["lr"] = self.lr_at(self.epoch)
 
     def _gather(self, record: dict) -> dict:
         """Share the last stage's loss and accuracy with every rank (a no-op in one process)."""

@@ -1,6 +1,6 @@
 """Schedules as registered objects: ``petra``, ``stash``, ``dsp``, ``delayed-exact``, ``backprop``,
 ``gpipe``, ``1f1b``, ``local``, ``forward-grad``, ``moonwalk``, and ``f3`` / ``dfa`` / ``drtp`` /
-``llo`` (one module for the four), each a module here (see :mod:`.base` for what a schedule is).
+``llo`` (one module for the four), and ``ab`` (AB-training, data parallel), each a module here (see :mod:`.base` for what a schedule is).
 
 ``make_schedule("forward-grad{tangents=4}")`` parses schedule text with the pipeline grammar and
 returns a Schedule instance; ``SCHEDULES`` maps names to classes.
@@ -13,7 +13,7 @@ from typing import Any
 
 from ...errors import PipelineError, did_you_mean
 from ...options import build_options, caret, describe_options, parse_pipeline, validated
-from . import (backprop, delayed_exact, dsp, feedback, forward_grad, gpipe, local, moonwalk, one_f_one_b,  # noqa: F401
+from . import (ab, backprop, delayed_exact, dsp, feedback, forward_grad, gpipe, local, moonwalk, one_f_one_b,  # noqa: F401
                petra, stash)
 from .base import SCHEDULES, Action, Layout, Message, Policy, Schedule, TickTable, register
 

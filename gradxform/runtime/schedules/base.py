@@ -144,6 +144,8 @@ class Schedule:
     layout: ClassVar[Layout] = Layout()
     keeps_weight_copies: ClassVar[bool] = False  # stashed/snapshot weights: layers must not change shape
     steps_together: ClassVar[bool] = False  # every stage takes its optimizer step at the same step
+    # why the schedule cannot train data-parallel replicas ("" when it can)
+    no_replicas: ClassVar[str] = ""
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -184,10 +186,31 @@ class Schedule:
         pass
 
     def distributed_runner(self, executor: StageExecutor, rank: int, world: int, device: Any,
-                           loss_fn: Any) -> Any:
+                           loss_fn: Any, group: Any = None) -> Any:
         """A runner that trains one rank's stage through another engine (``step(xs, ys)`` per table),
-        or None to use gradxform's own tick loop over point-to-point messages."""
+        or None to use gradxform's own tick loop over point-to-point messages. ``rank`` and ``world``
+        are the stage and the number of stages; ``group``, with data-parallel replicas, the process
+        group of this replica's pipeline."""
         return None
+
+    # -- data parallelism (gradxform/runtime/data_parallel.py) -------------------------------------
+    def check_data_parallel(self, replicas: int, stages: int) -> None:
+        """Raise a GradxformError when the schedule cannot train ``replicas`` replicas of ``stages``."""
+        if replicas > 1 and self.no_replicas:
+            raise GradxformError(f"the {self.name} schedule cannot train data-parallel replicas (--replicas "
+                                 f"{replicas}): {self.no_replicas}",
+                                 hint="train it with --replicas 1, or use backprop, gpipe, 1f1b, petra, local or f3")
+
+    def replicate(self, trainer: Any) -> None:
+        """Make ``trainer``'s replicas train as one: by default, each stage's gradients are averaged
+        over its replicas before every optimizer step."""
+        dp = trainer.data_parallel
+        for ex in trainer.executors.values():
+            ex.before_update.append(lambda ex=ex: dp.average_gradients(ex.params))
+
+    def metrics(self, trainer: Any) -> dict[str, Any]:
+        """What the schedule adds to each epoch's record in metrics.jsonl."""
+        return {}
 
 
 def table(name: str, stages: int, micro_batches: int, ticks: list[list[list[Action]]]) -> TickTable:

@@ -39,5 +39,6 @@ class SynchronousPipeline(Schedule):
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         return GraphPolicy(self.layout)
 
-    def distributed_runner(self, executor: Any, rank: int, world: int, device: Any, loss_fn: Any) -> Any:
-        return TorchPipeline(executor, self.name, rank, world, device, loss_fn)
+    def distributed_runner(self, executor: Any, rank: int, world: int, device: Any, loss_fn: Any,
+                           group: Any = None) -> Any:
+        return TorchPipeline(executor, self.name, rank, world, device, loss_fn, group)

@@ -124,11 +124,29 @@ class FeedbackSchedule(Schedule):
                                  hint="train dfa in one process (--nproc 1), or use f3, which needs it an epoch later")
         _, y = tensors_of(train)
         self.buffer = ErrorBuffer(y, self.kind, self.loss, self.classes) if self.method == "f3" else None
+        self.before = self.buffer.values.clone() if self.buffer is not None else None
 
     def end_epoch(self, trainer: Any) -> None:
         if self.buffer is not None:  # the last stage wrote the errors; every stage reads them next epoch
             self.buffer.values = self.buffer.values.contiguous()
+            dp = trainer.data_parallel
+            if dp is not None and self.transport.stages == [self.stages - 1]:
+                self._merge_replicas(dp)
             self.transport.broadcast(self.buffer.values, self.stages - 1)  # in place (labels never change)
+            self.before = self.buffer.values.clone()
+
+    def _merge_replicas(self, dp: Any) -> None:
+        """Each replica's last stage wrote the rows of its own shard's samples: gather every replica's
+        rows (disjoint shards, so a sum of rows masked to the writer is exact, not an average)."""
+        values = self.buffer.values
+        rows = values.reshape(len(values), -1)
+        mine = (rows != self.before.reshape(len(values), -1)).any(1)
+        written = mine.to(values.dtype)
+        ours = rows * written[:, None]
+        dp.stage_sum(ours)
+        dp.stage_sum(written)
+        merged = torch.where(written[:, None] > 0, ours, self.before.reshape(len(values), -1))
+        self.buffer.values = merged.reshape(values.shape).contiguous()
 
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()} if getattr(self, "buffer", None) is not None else {}
@@ -136,6 +154,7 @@ class FeedbackSchedule(Schedule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("buffer") is not None and getattr(self, "buffer", None) is not None:
             self.buffer.load_state_dict(state["buffer"])
+            self.before = self.buffer.values.clone()
 
     # -- the error each method feeds back ----------------------------------------------------------
     def error_for(self, ex: StageExecutor, mb: int, message: Message, target: Any) -> torch.Tensor | None:
