@@ -87,7 +87,7 @@ def main() -> None:
     summary = {}
     for name, (history, wall) in runs.items():
         per_epoch = [sum(h["allreduce_bytes"].values()) / len(h["allreduce_bytes"]) for h in history]
-        steps = sum(h["updates"]["0"] for h in history)
+        steps = history[-1]["updates"]["0"]  # the executor's count runs on across epochs
         samples = sum(h["samples"] for h in history)
         seconds = sum(h["train_seconds"] for h in history)
         summary[name] = {"bytes_per_epoch": sum(per_epoch) / len(per_epoch), "bytes_per_step": sum(per_epoch) / steps,
