@@ -79,9 +79,9 @@ def write_json(path: Path, data: Any) -> None:
 class Checkpoints:
     """The committed epochs under ``folder`` (``DIR/checkpoints``) of a model with ``stages`` stages."""
 
-    def __init__(self, folder: Path, stages: int | None, replicas: int | None = 1):
+    def __init__(self, folder: Path, stages: int | None, replicas: int | None = 1, replica: int = 0):
         self.folder, self.stages = Path(folder), stages  # None: as many as the commit says
-        self.replicas = replicas
+        self.replicas, self.replica = replicas, replica  # the replica whose files this process writes and reads
 
     @staticmethod
     def file(stage: int, replica: int = 0, replicas: int = 1) -> str:
@@ -94,13 +94,13 @@ class Checkpoints:
     def epoch_dir(self, epoch: int) -> Path:
         return self.folder / f"epoch-{epoch:04d}"
 
-    def write_stage(self, epoch: int, stage: int, state: dict[str, Any], replica: int = 0) -> None:
+    def write_stage(self, epoch: int, stage: int, state: dict[str, Any]) -> None:
         folder = self.epoch_dir(epoch)
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise _disk_error(folder, e) from None
-        write_atomic(folder / self.file(stage, replica, self.replicas or 1), lambda tmp: torch.save(state, tmp))
+        write_atomic(folder / self.file(stage, self.replica, self.replicas or 1), lambda tmp: torch.save(state, tmp))
 
     def commit(self, epoch: int, history: list[dict[str, Any]]) -> None:
         """Mark epoch ``epoch`` whole (every stage file written), then drop the older epochs."""
@@ -146,8 +146,8 @@ class Checkpoints:
     def history(self, epoch: int) -> list[dict[str, Any]]:
         return json.loads((self.epoch_dir(epoch) / COMMITTED).read_text())["history"]
 
-    def read_stage(self, epoch: int, stage: int, replica: int = 0) -> dict[str, Any]:
-        path = self.epoch_dir(epoch) / self.file(stage, replica, self.replicas or 1)
+    def read_stage(self, epoch: int, stage: int) -> dict[str, Any]:
+        path = self.epoch_dir(epoch) / self.file(stage, self.replica, self.replicas or 1)
         try:
             state = torch.load(path, weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure to read it is damage (struct.error, EOFError, ...)

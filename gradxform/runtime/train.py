@@ -198,7 +198,7 @@ class Trainer:
                                                            classification_loss, group=group)
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
-        self.checkpoints = Checkpoints(self.out / "checkpoints", self.n, self.replicas)
+        self.checkpoints = Checkpoints(self.out / "checkpoints", self.n, self.replicas, self.replica)
         self.resume_notes: list[str] = []
         self.run: dict[str, Any] = {}
         self.rank0 = 0 in self.transport.stages and self.replica == 0  # the one rank that writes the run's files
@@ -217,8 +217,7 @@ class Trainer:
                 "epoch": self.epoch, "module": ex.module.state_dict(), "optimizer": ex.optimizer.state_dict(),
                 "rank_steps": self.adaptive[j].steps if j in self.adaptive else 0,
                 "rng": torch.get_rng_state(), "config": config, "schedule": self.schedule.state_dict(),
-                "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None}},
-                replica=self.replica)
+                "callbacks": {type(cb).__name__: st for cb in self.callbacks if (st := cb.state_dict()) is not None}})
         self._emit("on_save")
         self._barrier()  # every rank's stage file is on disk before rank 0 commits
         if self.rank0:
@@ -231,7 +230,7 @@ class Trainer:
         if epoch is None:
             return False
         for j, ex in self.executors.items():
-            state = self.checkpoints.read_stage(epoch, j, self.replica)
+            state = self.checkpoints.read_stage(epoch, j)
             saved = state.get("callbacks", {})
             resized = [cb.resize(ex.module, state["module"], saved.get(type(cb).__name__, {})) for cb in self.callbacks]
             if resize_usv(ex.module, state["module"]) | resize_factors(ex.module, state["module"]) or any(resized):
