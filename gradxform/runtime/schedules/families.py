@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 from ..pipelining import TorchPipeline
-from .base import AccumulateOptions, Policy, Schedule, StepOptions, TickTable
+from .base import AccumulateOptions, Layout, Policy, Schedule, StepOptions, TickTable
 from .policies import GraphPolicy
-from .ticks import asynchronous, per_step
+from .ticks import asynchronous, local, per_step
 
 
 class AsynchronousSchedule(Schedule):
@@ -19,6 +19,19 @@ class AsynchronousSchedule(Schedule):
 
     def ticks(self, stages: int, micro_batches: int) -> TickTable:
         return asynchronous(self.name, stages, micro_batches, self.options.accumulate)
+
+
+class LocalSchedule(Schedule):
+    """Stage j forwards micro-batch t - j at tick t and trains at once on its own error signal (an
+    auxiliary head, a feedback matrix): no backward message crosses a stage boundary. Its members
+    differ only in the stage policy."""
+
+    Options = AccumulateOptions
+    family = "local"
+    layout = Layout(backward=())
+
+    def ticks(self, stages: int, micro_batches: int) -> TickTable:
+        return local(self.name, stages, micro_batches, self.options.accumulate)
 
 
 class SynchronousPipeline(Schedule):

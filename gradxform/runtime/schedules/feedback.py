@@ -32,8 +32,8 @@ from ...state import frozen_buffers, transient_graph
 from ..data import tensors_of
 from ..executor import Kept, StageExecutor, detach_tree, detached
 from ..losses import logits_of
-from .base import AccumulateOptions, Layout, Message, Policy, Schedule, TickTable, register
-from .ticks import local
+from .base import Layout, Message, Policy, register
+from .families import LocalSchedule
 
 
 def settings(staged: Any) -> dict[str, Any]:
@@ -85,16 +85,10 @@ class FeedbackPolicy(Policy):
         return None
 
 
-class FeedbackSchedule(Schedule):
+class FeedbackSchedule(LocalSchedule):
     """The shared mechanics; subclasses set ``method``."""
 
     method: ClassVar[str] = ""
-    Options = AccumulateOptions
-    family = "local"
-    layout = Layout(backward=())
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return local(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         return FeedbackPolicy(self.layout, self)

@@ -14,9 +14,9 @@ import torch
 
 from ...state import transient_graph
 from ..executor import Kept, StageExecutor, detach_tree, detached
-from .base import AccumulateOptions, Layout, Message, Policy, Schedule, TickTable, register, require_heads
+from .base import Message, Policy, register, require_heads
 from .policies import GraphPolicy
-from .ticks import local
+from .families import LocalSchedule
 
 
 class LocalPolicy(Policy):
@@ -44,15 +44,9 @@ class LocalPolicy(Policy):
 
 
 @register
-class Local(Schedule):
+class Local(LocalSchedule):
     name = "local"
     summary = "each stage trains on its auxiliary head's loss; no backward messages (DGL)"
-    Options = AccumulateOptions
-    family = "local"
-    layout = Layout(backward=())
-
-    def ticks(self, stages: int, micro_batches: int) -> TickTable:
-        return local(self.name, stages, micro_batches, self.options.accumulate)
 
     def policy(self, stage: int, stages: int, module: Any, inverse: Any) -> Policy:
         return GraphPolicy(self.layout, transient=True) if stage == stages - 1 else LocalPolicy(self.layout)
